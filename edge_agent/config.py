@@ -1,0 +1,397 @@
+"""The agent's TOML configuration, parsed and checked into frozen dataclasses.
+
+Every problem becomes one line that names the file, the key (``devices[2].port``, counting
+``[[devices]]`` tables from 1 in file order), the bad value and the fix. Unknown keys are
+problems too, because a misspelt key would otherwise fall back to its default unnoticed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edge_agent.endpoint import EndpointSettings
+from edge_agent.errors import ConfigError
+
+SYNCHRONOUS_MODES = ("full", "normal")
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorConfig:
+    """Where and how batches are sent."""
+
+    url: str  # base URL; batches go to <url>/api/v1/batches
+    token: str = field(repr=False)
+    batch_size: int = 5000  # maximum readings per batch
+    interval: float = 5.0  # seconds between looks at an empty buffer
+    timeout: float = 30.0  # seconds for one request, connect to reply
+
+
+@dataclass(frozen=True, slots=True)
+class BufferConfig:
+    """The SQLite file that keeps readings until the collector confirmed them."""
+
+    path: Path
+    synchronous: str = "full"  # SQLite's synchronous pragma: "full" or "normal"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceGroup:
+    """One Modbus endpoint and the unit ids polled through it."""
+
+    name: str
+    settings: EndpointSettings
+    unit_ids: tuple[int, ...]
+    poll_interval: float = 10.0  # seconds between polls of each unit
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything the `run` command needs."""
+
+    gateway_id: str
+    collector: CollectorConfig
+    buffer: BufferConfig
+    devices: tuple[DeviceGroup, ...]
+
+    @property
+    def unit_count(self) -> int:
+        """Number of unit ids over all device groups."""
+        return sum(len(group.unit_ids) for group in self.devices)
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and check the config file at `path`.
+
+    :raises ConfigError: with one line per problem, when the file cannot be read, is not
+        valid TOML or breaks a rule of the format.
+    """
+    problems: list[str] = []
+    config = _parse(Path(path), problems)
+    if problems or config is None:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def check_config(path: str | Path) -> list[str]:
+    """Return the problems of the config file at `path`, one line each; empty if valid."""
+    problems: list[str] = []
+    _parse(Path(path), problems)
+    return problems
+
+
+# --- key specifications -------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _show(value: Any) -> str:
+    """Show a value as it would be written in TOML."""
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """One key of a table: the rule its value must meet, and the fix when it is missing."""
+
+    name: str
+    expected: str  # completes "<key> must be ...", e.g. "an integer 1-65535"
+    valid: Callable[[Any], bool]
+    required: str = ""  # the fix shown when the key is missing; empty if optional
+    number: bool = False  # stored as float, so that TOML `timeout = 3` is accepted
+
+
+def _int_key(name: str, low: int, high: int | None = None, required: str = "") -> _Key:
+    if high is None:
+        expected = f"an integer of at least {low}"
+        return _Key(name, expected, lambda v: _is_int(v) and v >= low, required)
+    expected = f"an integer {low}-{high}"
+    return _Key(name, expected, lambda v: _is_int(v) and low <= v <= high, required)
+
+
+def _seconds_key(name: str, zero_allowed: bool = False) -> _Key:
+    if zero_allowed:
+        return _Key(name, "a number of seconds >= 0",
+                    lambda v: _is_number(v) and v >= 0, number=True)
+    return _Key(name, "a number of seconds > 0",
+                lambda v: _is_number(v) and v > 0, number=True)
+
+
+def _choice_key(name: str, choices: tuple[Any, ...]) -> _Key:
+    expected = "one of " + ", ".join(_show(choice) for choice in choices)
+    return _Key(name, expected,
+                lambda v: any(type(v) is type(c) and v == c for c in choices))
+
+
+def _text_key(name: str, required: str = "") -> _Key:
+    return _Key(name, "a non-empty string", _is_text, required)
+
+
+def _url_valid(value: Any) -> bool:
+    if not _is_text(value):
+        return False
+    scheme, _, rest = value.partition("://")
+    return scheme in ("http", "https") and rest.strip("/") != ""
+
+
+_GATEWAY_KEYS = (
+    _text_key("id", required="set it to the id registered on the collector"),
+)
+_COLLECTOR_KEYS = (
+    _Key("url", 'an http:// or https:// URL, e.g. "https://collector.example.com"',
+         _url_valid, required='set it to the collector\'s base URL, e.g. "https://host"'),
+    _text_key("token", required="set it to the token from `solarfleet-collector "
+              "gateways add`"),
+    _int_key("batch_size", 1),
+    _seconds_key("interval"),
+    _seconds_key("timeout"),
+)
+_BUFFER_KEYS = (
+    _text_key("path", required='set it to a file path, e.g. '
+              '"/var/lib/solarfleet-agent/buffer.sqlite"'),
+    _choice_key("synchronous", SYNCHRONOUS_MODES),
+)
+_NETWORK_KEYS = (
+    _text_key("host", required="set it to the device's IP address or host name"),
+    _int_key("port", 1, 65535),
+)
+_SERIAL_KEYS = (
+    _text_key("serial_port", required='set it to the serial device, e.g. "/dev/ttyUSB0"'),
+    _int_key("baudrate", 1),
+    _choice_key("parity", ("N", "E", "O")),
+    _choice_key("stopbits", (1, 2)),
+    _int_key("bytesize", 5, 8),
+)
+_DEVICE_KEYS = (
+    _text_key("name", required="give each [[devices]] table a name"),
+    _choice_key("transport", ("tcp", "rtu", "rtu-over-tcp")),
+    *_NETWORK_KEYS,
+    *_SERIAL_KEYS,
+    # Each unit id is checked by _check_unit_ids, which names the bad item.
+    _Key("unit_ids", "a non-empty list of unit ids, e.g. [1, 2]",
+         lambda v: isinstance(v, list) and v != [],
+         required="list the Modbus unit ids behind this endpoint, e.g. [1]"),
+    _seconds_key("poll_interval"),
+    _seconds_key("timeout"),
+    _seconds_key("request_gap", zero_allowed=True),
+    _seconds_key("connect_delay", zero_allowed=True),
+    _int_key("max_registers", 1, 125),
+    _choice_key("function_code", (3, 4)),
+    _Key("close_after_poll", "true or false", lambda v: isinstance(v, bool)),
+)
+_TOP_LEVEL = ("gateway", "collector", "buffer", "devices")
+_TRANSPORT_KEYS = {
+    "tcp": frozenset(key.name for key in _NETWORK_KEYS),
+    "rtu-over-tcp": frozenset(key.name for key in _NETWORK_KEYS),
+    "rtu": frozenset(key.name for key in _SERIAL_KEYS),
+}
+_ALL_TRANSPORT_KEYS = frozenset().union(*_TRANSPORT_KEYS.values())
+_SETTINGS_FIELDS = frozenset(f.name for f in fields(EndpointSettings))
+
+
+# --- parsing ------------------------------------------------------------------------
+
+
+class _Problems:
+    """Collects problem lines, each prefixed with the config file's path."""
+
+    def __init__(self, path: Path, lines: list[str]) -> None:
+        self.path = path
+        self.lines = lines
+
+    def add(self, text: str) -> None:
+        self.lines.append(f"{self.path}: {text}")
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
+def _parse(path: Path, lines: list[str]) -> AgentConfig | None:
+    problems = _Problems(path, lines)
+    document = _read_toml(path, problems)
+    if document is None:
+        return None
+
+    _check_unknown(document, "", _TOP_LEVEL, problems)
+    gateway = _read_table(document, "gateway", _GATEWAY_KEYS, problems)
+    collector = _read_table(document, "collector", _COLLECTOR_KEYS, problems)
+    buffer = _read_table(document, "buffer", _BUFFER_KEYS, problems)
+    devices = _read_devices(document, problems)
+    if len(problems):
+        return None
+
+    buffer_path = Path(buffer.pop("path")).expanduser()
+    return AgentConfig(
+        gateway_id=gateway["id"],
+        collector=CollectorConfig(**collector),
+        # A relative path is taken from the config file's folder, not from the working
+        # directory, which is "/" under systemd.
+        buffer=BufferConfig(path=path.parent / buffer_path, **buffer),
+        devices=devices,
+    )
+
+
+def _read_toml(path: Path, problems: _Problems) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        problems.add("file not found; check the path")
+    except OSError as err:
+        problems.add(f"cannot read the file ({err.strerror}); check its permissions")
+    except tomllib.TOMLDecodeError as err:
+        problems.add(f"invalid TOML: {err}")
+    except UnicodeDecodeError:
+        problems.add("invalid TOML: the file is not UTF-8 text")
+    return None
+
+
+def _read_table(document: dict[str, Any], name: str, keys: tuple[_Key, ...],
+                problems: _Problems) -> dict[str, Any]:
+    table = document.get(name)
+    if table is None:
+        required = ", ".join(key.name for key in keys if key.required)
+        problems.add(f"[{name}] is missing; add it with {required}")
+        return {}
+    if not isinstance(table, dict):
+        problems.add(f"{name} must be a table [{name}], got {_show(table)}")
+        return {}
+    _check_unknown(table, f"{name}.", [key.name for key in keys], problems)
+    return _read_keys(table, f"{name}.", keys, problems)
+
+
+def _read_keys(table: dict[str, Any], prefix: str, keys: tuple[_Key, ...],
+               problems: _Problems) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key in keys:
+        if key.name not in table:
+            if key.required:
+                problems.add(f"{prefix}{key.name} is missing; {key.required}")
+            continue
+        value = table[key.name]
+        if not key.valid(value):
+            problems.add(f"{prefix}{key.name} must be {key.expected}, got {_show(value)}")
+            continue
+        values[key.name] = float(value) if key.number else value
+    return values
+
+
+def _check_unknown(table: dict[str, Any], prefix: str, known: Any,
+                   problems: _Problems) -> None:
+    known = list(known)
+    for name in table:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        fix = f"did you mean {close[0]}?" if close else "remove it"
+        problems.add(f"{prefix}{name} is not a known key; {fix}")
+
+
+# --- device groups ------------------------------------------------------------------
+
+
+def _read_devices(document: dict[str, Any],
+                  problems: _Problems) -> tuple[DeviceGroup, ...]:
+    tables = document.get("devices")
+    if tables is None:
+        problems.add("no [[devices]] table; add one per Modbus endpoint")
+        return ()
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        problems.add("devices must be written as [[devices]] tables")
+        return ()
+
+    groups = []
+    for number, table in enumerate(tables, start=1):
+        group = _read_device(table, f"devices[{number}]", problems)
+        if group is not None:
+            groups.append(group)
+    _check_distinct(groups, problems)
+    return tuple(groups)
+
+
+def _read_device(table: dict[str, Any], prefix: str,
+                 problems: _Problems) -> DeviceGroup | None:
+    before = len(problems)
+    _check_unknown(table, f"{prefix}.", [key.name for key in _DEVICE_KEYS], problems)
+    transport = table.get("transport", "tcp")
+    applicable = _TRANSPORT_KEYS.get(transport, frozenset())
+    if applicable:
+        _check_transport_keys(table, prefix, transport, problems)
+    # Keys of another transport are reported above rather than as missing, and none is
+    # checked while the transport itself is invalid.
+    keys = tuple(key for key in _DEVICE_KEYS
+                 if key.name in applicable or key.name not in _ALL_TRANSPORT_KEYS)
+    values = _read_keys(table, f"{prefix}.", keys, problems)
+    _check_unit_ids(table.get("unit_ids"), prefix, problems)
+    if len(problems) > before:
+        return None
+
+    settings = {k: v for k, v in values.items() if k in _SETTINGS_FIELDS}
+    return DeviceGroup(
+        name=values["name"],
+        settings=EndpointSettings(**settings),
+        unit_ids=tuple(values["unit_ids"]),
+        poll_interval=values.get("poll_interval", 10.0),
+    )
+
+
+def _check_transport_keys(table: dict[str, Any], prefix: str, transport: str,
+                          problems: _Problems) -> None:
+    applicable = _TRANSPORT_KEYS[transport]
+    for name in table:
+        for other, keys in _TRANSPORT_KEYS.items():
+            if name in keys and name not in applicable:
+                problems.add(f'{prefix}.{name} does not apply to transport '
+                             f'"{transport}"; remove it or set transport = "{other}"')
+                break
+
+
+def _check_unit_ids(unit_ids: Any, prefix: str, problems: _Problems) -> None:
+    if not isinstance(unit_ids, list):
+        return
+    seen = set()
+    for number, unit_id in enumerate(unit_ids, start=1):
+        if not (_is_int(unit_id) and 1 <= unit_id <= 247):
+            problems.add(f"{prefix}.unit_ids[{number}] must be an integer 1-247 "
+                         f"(the Modbus range for one device), got {_show(unit_id)}")
+            continue
+        if unit_id in seen:
+            problems.add(f"{prefix}.unit_ids lists unit id {unit_id} twice; "
+                         "remove one")
+        seen.add(unit_id)
+
+
+def _check_distinct(groups: list[DeviceGroup], problems: _Problems) -> None:
+    names: set[str] = set()
+    endpoints: dict[tuple[str, str], str] = {}
+    for group in groups:
+        if group.name in names:
+            problems.add(f'device group name "{group.name}" is used twice; '
+                         "give each [[devices]] table its own name")
+        names.add(group.name)
+        # Two groups on one endpoint would open two connections to it, and a Modbus
+        # endpoint serves one request at a time.
+        endpoint = (group.settings.transport, group.settings.label)
+        if endpoint in endpoints:
+            problems.add(f'device groups "{endpoints[endpoint]}" and "{group.name}" '
+                         f"both use {group.settings.label}; merge their unit_ids "
+                         "into one [[devices]] table")
+        endpoints.setdefault(endpoint, group.name)
