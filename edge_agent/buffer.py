@@ -214,8 +214,8 @@ class Buffer:
     def next_batch(self, max_readings: int) -> Batch | None:
         """Return the open batch, or cut a new one from the oldest polls; None if empty.
 
-        A new batch takes whole polls, oldest first, up to `max_readings` readings; a
-        poll without readings counts as one, and a poll larger than the limit goes alone.
+        A new batch takes whole polls, oldest first, up to `max_readings` readings. A
+        poll without readings counts as one. A poll larger than the limit goes alone.
         """
         with self._lock, self._transaction():
             batch_id = self._open_batch_id() or self._cut_batch(max_readings)
@@ -367,8 +367,8 @@ class Buffer:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        # IMMEDIATE takes the write lock at the start, so a transaction never fails
-        # half-way on a lock held by another connection (for example `buffer` CLI).
+        # IMMEDIATE takes the write lock at BEGIN, so a lock held by another connection
+        # is waited for there (up to the connect timeout) instead of failing half-way.
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield

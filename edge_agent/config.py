@@ -23,12 +23,12 @@ SYNCHRONOUS_MODES = ("full", "normal")
 
 @dataclass(frozen=True, slots=True)
 class CollectorConfig:
-    """Where and how batches are sent."""
+    """The collector that batches are sent to, and how they are paced."""
 
     url: str  # base URL; batches go to <url>/api/v1/batches
     token: str = field(repr=False)
     batch_size: int = 5000  # maximum readings per batch
-    interval: float = 5.0  # seconds between looks at an empty buffer
+    interval: float = 5.0  # seconds before an empty buffer is checked again
     timeout: float = 30.0  # seconds for one request, connect to reply
 
 
