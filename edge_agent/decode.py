@@ -1,0 +1,177 @@
+"""Register words to values: point types, not-implemented encodings, scale factors.
+
+SunSpec marks a point the device does not implement with a reserved encoding (0x8000 for
+int16, 0xFFFF for uint16, 0 for accumulators, NaN for floats, ...). Every such encoding
+decodes to None, and so does every value whose scale factor is missing or not implemented.
+Scale factors are taken from the same words as the values they scale, never from an
+earlier poll, because devices change them at run time.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge_agent.sunspec import ModelLayout, PointLayout
+
+Value = int | float | str | None
+
+# Raw values that mean "not implemented", by point type (pysunspec2's sunspec2.mb).
+_NOT_IMPLEMENTED: dict[str, int] = {
+    "int16": 0x8000,
+    "sunssf": 0x8000,
+    "uint16": 0xFFFF,
+    "count": 0xFFFF,
+    "enum16": 0xFFFF,
+    "bitfield16": 0xFFFF,
+    "acc16": 0,
+    "int32": 0x8000_0000,
+    "uint32": 0xFFFF_FFFF,
+    "enum32": 0xFFFF_FFFF,
+    "bitfield32": 0xFFFF_FFFF,
+    "acc32": 0,
+    "ipaddr": 0,
+    "int64": 0x8000_0000_0000_0000,
+    "uint64": 0xFFFF_FFFF_FFFF_FFFF,
+    "acc64": 0,
+    "ipv6addr": 0,
+    "eui48": 0xFFFF_FFFF_FFFF,
+}
+_SIGNED = {"int16", "sunssf", "int32", "int64"}
+_TEXT_TYPES = {"string", "ipaddr", "ipv6addr", "eui48"}
+
+# Types that carry no measurement: they never become channels.
+NON_CHANNEL_TYPES = {"pad", "sunssf", *_TEXT_TYPES}
+
+
+def words_to_int(words: Sequence[int]) -> int:
+    """Join big-endian 16-bit words, high word first, into one unsigned integer."""
+    value = 0
+    for word in words:
+        value = (value << 16) | word
+    return value
+
+
+def decode_string(words: Sequence[int]) -> str:
+    """Decode a SunSpec string: bytes up to the first NUL, ASCII, spaces trimmed.
+
+    Bytes above 0x7F become U+FFFD; control bytes are kept as they are.
+    """
+    data = b"".join(word.to_bytes(2, "big") for word in words)
+    data = data.split(b"\x00", 1)[0]
+    return data.decode("ascii", errors="replace").strip(" ")
+
+
+def decode_raw(point_type: str, words: Sequence[int]) -> Value:
+    """Decode one point's words to its unscaled value, or None if not implemented."""
+    if point_type == "pad":
+        return None
+    if point_type == "string":
+        text = decode_string(words)
+        return text or None
+    if point_type in ("float32", "float64"):
+        return _decode_float(words)
+
+    raw = words_to_int(words)
+    if raw == _NOT_IMPLEMENTED.get(point_type):
+        return None
+    if point_type == "ipaddr":
+        return ".".join(str(byte) for byte in raw.to_bytes(4, "big"))
+    if point_type == "ipv6addr":
+        return raw.to_bytes(16, "big").hex(":", 2)
+    if point_type == "eui48":
+        return raw.to_bytes(8, "big")[2:].hex(":")
+    if point_type in _SIGNED:
+        bits = 16 * len(words)
+        if raw >= 1 << (bits - 1):
+            raw -= 1 << bits
+    return raw
+
+
+def _decode_float(words: Sequence[int]) -> float | None:
+    data = b"".join(word.to_bytes(2, "big") for word in words)
+    (value,) = struct.unpack(">f" if len(words) == 2 else ">d", data)
+    if math.isnan(value) or math.isinf(value):
+        return None
+    return value
+
+
+def scale(raw: int, exponent: int) -> float:
+    """Return raw x 10^exponent, exact to the exponent's decimals (302, -1 -> 30.2)."""
+    return float(Decimal(raw).scaleb(exponent))
+
+
+def decode_model(layout: ModelLayout, words: Sequence[int | None]) -> dict[str, Value]:
+    """Decode every point of one model instance from its words, starting at its ID.
+
+    `words` may hold None for registers that could not be read; points touching them
+    decode to None. Returns point names (as in `PointLayout.name`) to scaled values.
+    """
+    raw: dict[str, Value] = {}
+    for point in layout.points:
+        point_words = words[point.offset : point.offset + point.size]
+        if len(point_words) < point.size or any(w is None for w in point_words):
+            raw[point.name] = None
+        else:
+            raw[point.name] = decode_raw(point.type, point_words)  # type: ignore[arg-type]
+
+    return {point.name: _apply_scale(point, raw) for point in layout.points}
+
+
+def _apply_scale(point: PointLayout, raw: Mapping[str, Value]) -> Value:
+    value = raw[point.name]
+    if point.sf is None or value is None or point.type in _TEXT_TYPES:
+        return value
+    exponent = point.sf if isinstance(point.sf, int) else raw.get(point.sf)
+    if not isinstance(exponent, int):
+        return None
+    if isinstance(value, float):
+        return float(Decimal(repr(value)).scaleb(exponent))
+    return scale(int(value), exponent)
+
+
+def normalise_power_factor(value: float | None) -> float | None:
+    """Return a power factor as a fraction in [-1, 1], whatever unit the device used.
+
+    SunSpec models 101-103, 111-113 and 201-204 define PF in percent, but devices send
+    a fraction (1.000), a percentage (-98.46) or a float percentage (100.0). A magnitude
+    up to 1 is read as a fraction and one up to 100 as a percentage; anything larger is
+    no valid power factor and returns None.
+    """
+    if value is None:
+        return None
+    magnitude = abs(value)
+    if magnitude <= 1:
+        return value
+    if magnitude <= 100:
+        return float(Decimal(repr(value)) / 100)
+    return None
+
+
+def decode_profile_register(
+    words: Sequence[int],
+    point_type: str,
+    *,
+    word_order: str = "big",
+    no_value: Sequence[int] = (),
+) -> float | int | None:
+    """Decode one vendor register of a device profile.
+
+    `word_order` "little" means the low word comes first on the wire; `no_value` lists
+    raw values (high word first) that mean "no value".
+    """
+    ordered = list(words) if word_order == "big" else list(reversed(words))
+    if words_to_int(ordered) in no_value:
+        return None
+    if point_type == "float32":
+        return _decode_float(ordered)
+    raw = words_to_int(ordered)
+    if point_type in ("int16", "int32", "int64"):
+        bits = 16 * len(ordered)
+        if raw >= 1 << (bits - 1):
+            raw -= 1 << bits
+    return raw
