@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
 
 import click
 
-from edge_agent.errors import AgentError
+from edge_agent.config import AgentConfig, load_config
+from edge_agent.errors import AgentError, ConfigError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
@@ -31,3 +37,89 @@ def main(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+_CONFIG_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=_CONFIG_FILE,
+              help="Agent config file (TOML).")
+def run(config_path: Path) -> None:
+    """Poll, buffer and forward until SIGTERM or Ctrl-C.
+
+    Example: solarfleet-agent run --config /etc/solarfleet/agent.toml
+    """
+    config = _load_one_line(config_path)
+    from edge_agent.agent import run_agent
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await run_agent(config, stop)
+
+    asyncio.run(serve())
+
+
+@main.command("check-config")
+@click.argument("config_path", metavar="FILE", type=_CONFIG_FILE)
+def check_config_command(config_path: Path) -> None:
+    """Check an agent config file; print one line per problem.
+
+    Exits with status 1 when there is a problem.
+
+    Example: solarfleet-agent check-config /etc/solarfleet/agent.toml
+    """
+    try:
+        config = load_config(config_path)
+    except ConfigError as err:
+        click.echo(str(err), err=True)
+        sys.exit(1)
+    click.echo(f"ok: {len(config.devices)} device groups, {config.unit_count} units")
+
+
+@main.command("buffer")
+@click.option("--config", "config_path", required=True, type=_CONFIG_FILE,
+              help="Agent config file (TOML) that names the buffer file.")
+def buffer_command(config_path: Path) -> None:
+    """Show what waits in the buffer, and the quarantined batches.
+
+    Example: solarfleet-agent buffer --config /etc/solarfleet/agent.toml
+    """
+    from edge_agent.buffer import Buffer
+
+    config = _load_one_line(config_path)
+    path = config.buffer.path
+    if not path.exists():
+        raise AgentError(f"no buffer file at {path} yet; it is created by "
+                         "`solarfleet-agent run`")
+    with Buffer(path, config.buffer.synchronous) as buffer:
+        stats = buffer.stats()
+        quarantined = buffer.quarantined()
+
+    age = stats.oldest_age(time.time_ns() // 1_000_000)
+    click.echo(f"buffer: {path}")
+    click.echo(f"waiting: {stats.readings} readings in {stats.polls} polls")
+    click.echo(f"size: {stats.bytes} bytes")
+    click.echo(f"oldest: {'none' if age is None else f'{age:.0f} s ago'}")
+    click.echo(f"quarantined: {stats.quarantined_batches} batches, "
+               f"{stats.quarantined_readings} readings")
+    for batch in quarantined:
+        when = datetime.fromtimestamp(batch.quarantined_ms / 1000, UTC)
+        click.echo(f"  {batch.batch_id} {when:%Y-%m-%dT%H:%M:%SZ} "
+                   f"{batch.readings} readings: {batch.reason}")
+
+
+def _load_one_line(config_path: Path) -> AgentConfig:
+    """Load the config, reporting only its first problem, with a pointer to the rest."""
+    try:
+        return load_config(config_path)
+    except ConfigError as err:
+        lines = str(err).splitlines()
+        more = len(lines) - 1
+        if more:
+            lines[0] += (f" (and {more} more; run `solarfleet-agent check-config "
+                         f"{config_path}`)")
+        raise ConfigError(lines[0]) from None

@@ -1,0 +1,231 @@
+"""Forwarding: batches from the buffer to the collector, retried until it stored them.
+
+Each batch is sent as gzip JSON to ``<url>/api/v1/batches`` with the gateway's bearer
+token. A 200 reply confirms the batch, and only then is it deleted from the buffer. No
+connection, a timeout, a 5xx reply, or a reply that points at the agent's own settings
+(401, 403, 404, 3xx) keeps the batch and retries it with backoff, without end. Any other
+4xx reply means the collector rejected this batch's content, so the batch moves to the
+buffer's quarantine and the next one is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import gzip
+import json
+import logging
+import math
+from dataclasses import asdict
+from typing import Any
+
+import aiohttp
+import tenacity
+
+from edge_agent.buffer import Batch, Buffer
+from edge_agent.config import CollectorConfig
+from edge_agent.errors import CollectorUnavailable
+from edge_agent.retry import Backoff
+
+logger = logging.getLogger(__name__)
+
+WIRE_FORMAT = 1
+BATCHES_PATH = "/api/v1/batches"
+_REASON_CHARS = 200  # a quarantine reason is cut to this length
+
+# Replies that are not about the batch itself: waiting may clear them (408, 429), or
+# the operator must fix the agent's settings (401 token, 403 gateway id, 404 URL).
+_RETRIED_4XX = {
+    401: "the collector rejected the token; check collector.token",
+    403: "the token belongs to another gateway; check gateway.id and collector.token",
+    404: "the collector has no batch endpoint at this URL; check collector.url",
+    408: "the collector timed out reading the request",
+    429: "the collector asked to slow down",
+}
+
+
+class Outcome(enum.Enum):
+    """Result of one send attempt that reached a decision."""
+
+    SENT = "sent"  # the collector stored the batch; it is deleted from the buffer
+    EMPTY = "empty"  # nothing to send
+    QUARANTINED = "quarantined"  # the collector rejected the batch
+
+
+class _Stopped(Exception):
+    """The stop event was set while waiting for the next retry."""
+
+
+class Forwarder:
+    """Sends the buffer's batches to one collector. Use it as an async context manager."""
+
+    def __init__(self, buffer: Buffer, collector: CollectorConfig, gateway_id: str,
+                 backoff: Backoff = Backoff()) -> None:
+        self.buffer = buffer
+        self.collector = collector
+        self.gateway_id = gateway_id
+        self.backoff = backoff
+        self.url = collector.url.rstrip("/") + BATCHES_PATH
+        self._session: aiohttp.ClientSession | None = None
+        self._failures = 0  # failed attempts in the current outage
+
+    async def __aenter__(self) -> Forwarder:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.collector.timeout),
+            headers={"Authorization": f"Bearer {self.collector.token}"},
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Send batches until `stop` is set, waiting `interval` while the buffer is empty."""
+        logger.info("forwarding batches of up to %d readings to %s",
+                    self.collector.batch_size, self.url)
+        while not stop.is_set():
+            outcome = await self._send_with_retry(stop)
+            if outcome is Outcome.EMPTY:
+                await _wait(stop, self.collector.interval)
+        logger.info("forwarder stopped")
+
+    async def send_once(self) -> Outcome:
+        """Send the next batch once.
+
+        :raises CollectorUnavailable: when the batch could not be delivered now; it stays
+            in the buffer and keeps its id.
+        """
+        batch, body = await asyncio.to_thread(self._next_body)
+        if batch is None:
+            return Outcome.EMPTY
+
+        status, message = await self._post(body)
+        if status == 200:
+            deleted = await asyncio.to_thread(self.buffer.confirm, batch.batch_id)
+            logger.debug("sent batch %s: %d readings", batch.batch_id, deleted)
+            return Outcome.SENT
+        if status >= 500 or status in _RETRIED_4XX or not 400 <= status < 500:
+            text = f"collector {self.url} replied HTTP {status} to batch {batch.batch_id}"
+            if status in _RETRIED_4XX:
+                text += f": {_RETRIED_4XX[status]}"
+            if message:
+                text += f" ({message})"
+            raise CollectorUnavailable(text)
+
+        reason = f"HTTP {status}: {message}" if message else f"HTTP {status}"
+        await asyncio.to_thread(self.buffer.quarantine, batch.batch_id, reason)
+        logger.error("collector rejected batch %s (%d readings) with %s; moved it to "
+                     "quarantine, see `solarfleet-agent buffer`",
+                     batch.batch_id, len(batch.readings), reason)
+        return Outcome.QUARANTINED
+
+    # --- one request ------------------------------------------------------------------
+
+    def _next_body(self) -> tuple[Batch | None, bytes]:
+        batch = self.buffer.next_batch(self.collector.batch_size)
+        if batch is None:
+            return None, b""
+        return batch, encode_batch(batch, self.gateway_id)
+
+    async def _post(self, body: bytes) -> tuple[int, str]:
+        """POST the body; return the status and the reply's one-line error message."""
+        if self._session is None:
+            raise RuntimeError("Forwarder used outside `async with`")
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        try:
+            async with self._session.post(self.url, data=body, headers=headers,
+                                          allow_redirects=False) as response:
+                text = await response.text(errors="replace")
+                return response.status, _error_message(text)
+        except TimeoutError as err:
+            raise CollectorUnavailable(
+                f"collector {self.url} did not reply within {self.collector.timeout:g} s"
+            ) from err
+        except aiohttp.ClientError as err:
+            raise CollectorUnavailable(
+                f"cannot reach collector {self.url}: {err or type(err).__name__}"
+            ) from err
+
+    # --- retrying ---------------------------------------------------------------------
+
+    async def _send_with_retry(self, stop: asyncio.Event) -> Outcome | None:
+        """Send the next batch, retrying with backoff; None if `stop` was set meanwhile."""
+
+        async def sleep(seconds: float) -> None:
+            if await _wait(stop, seconds):
+                raise _Stopped
+
+        retrying = self.backoff.retrying(
+            CollectorUnavailable, before_sleep=self._note_failure
+        ).copy(sleep=sleep)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    outcome = await self.send_once()
+        except _Stopped:
+            return None
+
+        self._note_recovery()
+        return outcome
+
+    def _note_failure(self, state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        if self._failures == 0:
+            logger.warning("%s; retrying with backoff, readings stay in the buffer", error)
+        else:
+            logger.debug("attempt %d failed: %s", state.attempt_number, error)
+        self._failures += 1
+
+    def _note_recovery(self) -> None:
+        if self._failures:
+            logger.info("collector %s reachable again after %d failed attempts",
+                        self.url, self._failures)
+        self._failures = 0
+
+
+def encode_batch(batch: Batch, gateway_id: str) -> bytes:
+    """Build the gzip-compressed JSON body of a batch, in wire format 1."""
+    document = {
+        "format": WIRE_FORMAT,
+        "batch_id": batch.batch_id,
+        "gateway_id": gateway_id,
+        "devices": [asdict(device) for device in batch.devices],
+        "channels": [{"device_id": device_id, "name": channel.name, "unit": channel.unit}
+                     for device_id, channel in batch.channels],
+        "readings": [[device_id, channel, time_ms, _finite(value)]
+                     for device_id, channel, time_ms, value in batch.readings],
+        "states": [list(row) for row in batch.states],
+    }
+    text = json.dumps(document, separators=(",", ":"), allow_nan=False)
+    return gzip.compress(text.encode(), compresslevel=6)
+
+
+def _finite(value: float | None) -> float | None:
+    # JSON has no NaN or infinity, and a value that is not a number is sent as null.
+    if value is None or not math.isfinite(value):
+        return None
+    return value
+
+
+def _error_message(text: str) -> str:
+    """Return the `error` field of a JSON reply, or its text, as one short line."""
+    message: Any = text
+    try:
+        document = json.loads(text)
+    except ValueError:
+        pass
+    else:
+        if isinstance(document, dict) and "error" in document:
+            message = document["error"]
+    return " ".join(str(message).split())[:_REASON_CHARS]
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds` for `stop`; return whether it is set."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+    return stop.is_set()
