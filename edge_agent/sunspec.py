@@ -98,6 +98,31 @@ class ModelLayout:
         return offsets
 
 
+# Float models carry the points of the integer model 10 below in the same order, but
+# pysunspec2 1.3.7 spells some names differently (213 "PPVphAB", 203 "PhVphAB").
+# Channels of both families use the integer model's names.
+_FLOAT_FAMILY = (111, 112, 113, 211, 212, 213, 214)
+
+
+@functools.cache
+def _integer_names(model_id: int) -> dict[str, str]:
+    """Map a float model's point names to the integer model's names, by position."""
+    if model_id not in _FLOAT_FAMILY:
+        return {}
+    float_names = _measurement_names(model_definition(model_id))
+    integer_names = _measurement_names(model_definition(model_id - 10))
+    if len(float_names) != len(integer_names):
+        return {}
+    return dict(zip(float_names, integer_names))
+
+
+def _measurement_names(definition: dict[str, Any] | None) -> list[str]:
+    if definition is None:
+        return []
+    points = definition["group"]["points"]
+    return [p["name"] for p in points if p["type"] != "sunssf"]
+
+
 class _CountsNeeded(Exception):
     """A group's repeat count is a point value, and that value is not known yet."""
 
@@ -151,7 +176,7 @@ def _cached_layout(
 ) -> ModelLayout:
     definition = model_definition(model_id)
     assert definition is not None
-    builder = _LayoutBuilder(length, None if counts is None else dict(counts))
+    builder = _LayoutBuilder(model_id, length, None if counts is None else dict(counts))
     builder.add_group(definition["group"], prefix="", scope={}, top=True)
     return ModelLayout(model_id, length, tuple(builder.points))
 
@@ -159,7 +184,8 @@ def _cached_layout(
 class _LayoutBuilder:
     """Walk a definition's groups in register order, collecting points that fit."""
 
-    def __init__(self, length: int, counts: dict[str, Any] | None):
+    def __init__(self, model_id: int, length: int, counts: dict[str, Any] | None):
+        self.aliases = _integer_names(model_id)
         self.end = length + 2
         self.counts: dict[str, Any] = counts if counts is not None else {}
         self.fixed_only = counts is None
@@ -167,7 +193,10 @@ class _LayoutBuilder:
         self.points: list[PointLayout] = []
 
     def add_group(self, group: dict, prefix: str, scope: dict, top: bool) -> None:
-        names = {p["name"]: prefix + p["name"] for p in group.get("points", [])}
+        names = {
+            p["name"]: prefix + self.aliases.get(p["name"], p["name"])
+            for p in group.get("points", [])
+        }
         scope = {**scope, **names}
         for point in group.get("points", []):
             self._add_point(point, prefix, scope)
@@ -187,7 +216,7 @@ class _LayoutBuilder:
                 sf = scope.get(sf, sf)
             self.points.append(
                 PointLayout(
-                    name=prefix + point["name"],
+                    name=scope[point["name"]],
                     offset=self.offset,
                     type=point["type"],
                     size=size,
