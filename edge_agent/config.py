@@ -244,7 +244,7 @@ def _parse(path: Path, lines: list[str]) -> AgentConfig | None:
         collector=CollectorConfig(**collector),
         # A relative path is taken from the config file's folder, not from the working
         # directory, which is "/" under systemd.
-        buffer=BufferConfig(path=path.parent / buffer_path, **buffer),
+        buffer=BufferConfig(path=path.absolute().parent / buffer_path, **buffer),
         devices=devices,
     )
 
