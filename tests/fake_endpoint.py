@@ -104,28 +104,45 @@ class FakeEndpoint:
         self.polls_ended += 1
 
     def _answer(self, unit: int, address: int, count: int, fc: int | None) -> list[int]:
+        label = self.settings.label
         if self.refused:
-            raise ModbusConnectionRefused(f"{self.settings.label}: connection refused")
+            raise ModbusConnectionRefused(f"{label}: connection refused", label=label)
         self.requests.append((unit, address, count))
         device = self.units.get(unit)
         if device is None:
             if self.absent_units == "timeout":
-                raise ModbusTimeout(f"unit {unit}: no answer")
-            raise ModbusExceptionResponse(11)
+                raise self._timeout(unit, address, count)
+            raise self._exception(11, unit, address, count)
         if device.silent:
-            raise ModbusTimeout(f"unit {unit}: no answer")
+            raise self._timeout(unit, address, count)
         if count > self.device_max_registers:
-            raise ModbusExceptionResponse(2)
+            raise self._exception(2, unit, address, count)
         for fault in device.exceptions:
             overlaps = address <= fault["last"] and address + count - 1 >= fault["first"]
             if overlaps and count >= fault.get("min_count", 1):
-                raise ModbusExceptionResponse(fault["code"])
+                raise self._exception(fault["code"], unit, address, count)
 
         registers = device.input if (fc or self.settings.function_code) == 4 else (
             device.holding)
         addresses = range(address, address + count)
         if any(a not in registers for a in addresses):
             if device.unmapped == "timeout":
-                raise ModbusTimeout(f"unit {unit}: no answer")
-            raise ModbusExceptionResponse(2)
+                raise self._timeout(unit, address, count)
+            raise self._exception(2, unit, address, count)
         return [registers[a] for a in addresses]
+
+    def _timeout(self, unit: int, address: int, count: int) -> ModbusTimeout:
+        label = self.settings.label
+        return ModbusTimeout(
+            f"{label} unit {unit}: no response to a read of {count} at {address}",
+            label=label, unit=unit, address=address, count=count,
+        )
+
+    def _exception(
+        self, code: int, unit: int, address: int, count: int
+    ) -> ModbusExceptionResponse:
+        label = self.settings.label
+        return ModbusExceptionResponse(
+            f"{label} unit {unit}: exception {code} to a read of {count} at {address}",
+            code=code, label=label, unit=unit, address=address, count=count,
+        )
