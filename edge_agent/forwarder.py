@@ -1,7 +1,8 @@
 """Forwarding: batches from the buffer to the collector, retried until it stored them.
 
 Each batch is sent as gzip JSON to ``<url>/api/v1/batches`` with the gateway's bearer
-token. A 200 reply confirms the batch, and only then is it deleted from the buffer. No
+token. A 200 reply that names the batch id confirms the batch, and only then is the batch
+deleted from the buffer. No
 connection, a timeout, a 5xx reply, or a reply that points at the agent's own settings
 (401, 403, 404, 3xx) keeps the batch and retries it with backoff, without end. Any other
 4xx reply means the collector rejected this batch's content, so the batch moves to the
@@ -101,8 +102,10 @@ class Forwarder:
         if batch is None:
             return Outcome.EMPTY
 
-        status, message = await self._post(body)
+        status, reply = await self._post(body)
+        message = _error_message(reply)
         if status == 200:
+            self._check_confirmation(batch.batch_id, reply)
             deleted = await asyncio.to_thread(self.buffer.confirm, batch.batch_id)
             logger.debug("sent batch %s: %d readings", batch.batch_id, deleted)
             return Outcome.SENT
@@ -130,7 +133,7 @@ class Forwarder:
         return batch, encode_batch(batch, self.gateway_id)
 
     async def _post(self, body: bytes) -> tuple[int, str]:
-        """POST the body; return the status and the reply's one-line error message."""
+        """POST the body; return the reply's status and text."""
         if self._session is None:
             raise RuntimeError("Forwarder used outside `async with`")
         headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
@@ -138,7 +141,7 @@ class Forwarder:
             async with self._session.post(self.url, data=body, headers=headers,
                                           allow_redirects=False) as response:
                 text = await response.text(errors="replace")
-                return response.status, _error_message(text)
+                return response.status, text
         except TimeoutError as err:
             raise CollectorUnavailable(
                 f"collector {self.url} did not reply within {self.collector.timeout:g} s"
@@ -147,6 +150,19 @@ class Forwarder:
             raise CollectorUnavailable(
                 f"cannot reach collector {self.url}: {err or type(err).__name__}"
             ) from err
+
+    def _check_confirmation(self, batch_id: str, reply: str) -> None:
+        # A 200 from something other than the collector (a captive portal, a web server
+        # at a wrong URL) must not delete readings, so the reply has to name the batch.
+        try:
+            confirmed = json.loads(reply).get("batch_id")
+        except (ValueError, AttributeError):
+            confirmed = None
+        if confirmed != batch_id:
+            raise CollectorUnavailable(
+                f"{self.url} replied 200 to batch {batch_id} without confirming it; "
+                "check collector.url"
+            )
 
     # --- retrying ---------------------------------------------------------------------
 

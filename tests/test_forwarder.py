@@ -225,3 +225,19 @@ async def test_stop_during_backoff(buffer):
         logging.getLogger("edge_agent.forwarder").removeHandler(outage)
 
     assert buffer.stats().readings == 2
+
+
+async def test_200_without_batch_id_kept(buffer, collector):
+    buffer.add_poll(poll(1000))
+    collector.replies = [(200, {"welcome": "captive portal"})]
+
+    async with forwarder_for(buffer, collector.url) as forwarder:
+        with pytest.raises(CollectorUnavailable) as caught:
+            await forwarder.send_once()
+
+    batch_id = collector.received[0].document["batch_id"]
+    assert str(caught.value) == (
+        f"{collector.url}/api/v1/batches replied 200 to batch {batch_id} without "
+        "confirming it; check collector.url"
+    )
+    assert buffer.stats().readings == 2
