@@ -2,10 +2,9 @@
 
 Each batch is sent as gzip JSON to ``<url>/api/v1/batches`` with the gateway's bearer
 token. A 200 reply that names the batch id confirms the batch, and only then is the batch
-deleted from the buffer. No
-connection, a timeout, a 5xx reply, or a reply that points at the agent's own settings
-(401, 403, 404, 3xx) keeps the batch and retries it with backoff, without end. Any other
-4xx reply means the collector rejected this batch's content, so the batch moves to the
+deleted from the buffer. No connection, a timeout, a 5xx reply, 408, 429, or a reply that
+points at the agent's own settings (401, 403, 404, 3xx) keeps the batch and retries it
+with backoff, without end. Any other 4xx reply means the collector rejected this batch's content, so the batch moves to the
 buffer's quarantine and the next one is sent.
 """
 
