@@ -139,8 +139,8 @@ def normalise_power_factor(value: float | None) -> float | None:
 
     SunSpec models 101-103, 111-113 and 201-204 define PF in percent, but devices send
     a fraction (1.000), a percentage (-98.46) or a float percentage (100.0). A magnitude
-    up to 1 is read as a fraction and one up to 100 as a percentage; anything larger is
-    no valid power factor and returns None.
+    up to 1 is read as a fraction and one up to 100 as a percentage. Anything larger is
+    no valid power factor, so it returns None.
     """
     if value is None:
         return None

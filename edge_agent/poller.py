@@ -57,7 +57,7 @@ FAILED_STATES = {
 
 @dataclass(frozen=True, slots=True)
 class _OperatingState:
-    """Where a model reports the device's own operating state, and what it means."""
+    """The point that reports a device's own operating state, and its meaning."""
 
     point: str
     sleeping: frozenset[int]
@@ -99,8 +99,8 @@ class UnitPoller:
     async def poll(self) -> Poll:
         """Poll the unit and return the Poll of its first device.
 
-        A unit that holds several common models (meters inside an inverter's map) has
-        one device per common model: `poll_devices` returns them all.
+        A unit with several common models (meters inside an inverter's map) has one
+        device per common model, and `poll_devices` returns a Poll for each.
         """
         return (await self.poll_devices())[0]
 
@@ -232,7 +232,7 @@ class UnitPoller:
 
     def _note_recovery(self) -> None:
         if self._failure is not None:
-            logger.info("%s: answering again after being %s", self.address,
+            logger.info("%s: responding again after being %s", self.address,
                         self._failure.value)
             self._failure = None
 
@@ -292,7 +292,7 @@ def _implausible(model: ModelRef, words: list[int | None],
                  decoded: dict[str, Value]) -> bool:
     """Tell whether a frame is all zeros, scale factors included, with a fault state.
 
-    Devices send such a frame now and then between good ones; its zeros are no
+    Devices send such a frame now and then between good ones. Its zeros are no
     measurement, and an energy counter of 0 would look like a reset.
     """
     operating = OPERATING_STATES.get(model.model_id)

@@ -1,10 +1,10 @@
 """SunSpec maps: lay out models from pysunspec2's definitions, find and walk the chain.
 
-A SunSpec device holds "SunS" at a base address (40000, 0 or 50000), then a chain of
+A SunSpec device stores "SunS" at a base address (40000, 0 or 50000), then a chain of
 models, each an ID register, a length register L and L registers of body, ended by the
 ID 0xFFFF. Real devices break this in known ways: a common model of 65 registers, no end
 marker, vendor models with no public definition, headers that cannot be read together
-with their body, gateways that answer exception 11 for absent units. Discovery follows the
+with their body, gateways that return exception 11 for absent units. Discovery follows the
 chain by each model's declared length and reads with small requests where a larger one is
 rejected.
 """
@@ -43,7 +43,7 @@ _TYPE_SIZES = {
 
 
 class NotSunSpec(AgentError):
-    """The unit answers, but holds no SunS marker at any base address."""
+    """The unit responds, but has no SunS marker at any base address."""
 
 
 class MalformedMap(AgentError):
@@ -51,11 +51,11 @@ class MalformedMap(AgentError):
 
 
 class NoDevice(AgentError):
-    """A gateway reports that no device answers on this unit id."""
+    """A gateway reports that no device is connected on this unit id."""
 
 
 class Endpoint(Protocol):
-    """What discovery and polling need from a Modbus transport."""
+    """The Modbus transport interface that discovery and polling use."""
 
     settings: EndpointSettings
 
@@ -144,8 +144,8 @@ def layout_model(
 
     Repeating groups take their count from the length (model 160 with L = 8 + 20 N has
     N modules). A group nested in a repeating group whose count is a point value (the
-    curve points of models 705-712) needs `words`, the model's words from its ID; without
-    them the layout holds the fixed points only.
+    curve points of models 705-712) needs `words`, the model's words from its ID. Without
+    them the layout has the fixed points only.
     """
     if model_definition(model_id) is None:
         return None
@@ -320,7 +320,7 @@ class DeviceMap:
     unit: int
     base: int
     devices: tuple[MappedDevice, ...]
-    # (first, last) address ranges that reject multi-register reads but answer
+    # (first, last) address ranges that reject multi-register reads but return
     # one register at a time.
     fragile: tuple[tuple[int, int], ...] = ()
     problems: tuple[str, ...] = ()  # why the chain ended early, where it did
@@ -377,14 +377,17 @@ def plan_reads(
 ) -> list[Read]:
     """Plan the fewest reads that cover the models with a known layout.
 
-    Adjacent models share a read up to `max_registers`; a larger model is cut on point
-    boundaries so that no multi-register point is split over two requests. Registers in a
+    Adjacent models share a read up to `max_registers`. A larger model is cut on point
+    boundaries, so no multi-register point is split over two requests. Registers in a
     fragile range are read one at a time.
     """
     models = list(models)
     spans = _merge_spans(m for m in models if model_definition(m.model_id))
     cuts = cut_addresses(models)
     singles = {a for first, last in fragile for a in range(first, last + 1)}
+    # NOTE: a model longer than `max_registers` (model 160 with 12 modules at 50) spans
+    # several requests. Values in a later request are then scaled with factors read
+    # moments earlier in the same poll, so a factor changing in between goes unnoticed.
     reads: list[Read] = []
     for start, end in spans:
         reads.extend(_cut_span(start, end, max_registers, cuts, singles))
@@ -441,10 +444,10 @@ def _cut_span(
 async def read_registers(
     endpoint: Endpoint, unit: int, reads: Sequence[Read], cuts: set[int]
 ) -> tuple[dict[int, int], list[Read]]:
-    """Perform the reads, splitting any that answer exception 2 on point boundaries.
+    """Perform the reads, splitting any rejected with exception 2 on point boundaries.
 
     Returns the registers read, by address, and the reads that worked, which make the
-    plan for the next poll. A single point that still answers exception 2 is left out.
+    plan for the next poll. A single point that is still rejected is left out.
     Every other Modbus error propagates.
     """
     registers: dict[int, int] = {}
@@ -485,10 +488,10 @@ async def discover(
 ) -> DeviceMap:
     """Find the SunS marker on `unit` and walk its model chain.
 
-    :raises NoDevice: a gateway answered exception 10 or 11 for this unit.
-    :raises NotSunSpec: the unit answered, but no base holds SunS.
+    :raises NoDevice: a gateway returned exception 10 or 11 for this unit.
+    :raises NotSunSpec: the unit responds, but no base address has SunS.
     :raises MalformedMap: SunS is there, but no model chain follows it.
-    :raises ModbusError: the unit did not answer, or the connection failed.
+    :raises ModbusError: the unit did not respond, or the connection failed.
     """
     base = await _find_base(endpoint, unit, bases)
     walker = _ChainWalker(endpoint, unit, base)
@@ -508,7 +511,7 @@ async def _find_base(endpoint: Endpoint, unit: int, bases: Sequence[int]) -> int
         except ModbusExceptionResponse as err:
             if err.code in GATEWAY_NO_DEVICE:
                 raise NoDevice(
-                    f"{where}: the gateway answered exception {err.code}, so no device "
+                    f"{where}: the gateway returned exception {err.code}, so no device "
                     "is connected on this unit id; check the unit id"
                 ) from err
             answered = True
@@ -600,14 +603,14 @@ class _ChainWalker:
         self.devices.append((address, identity_from_common(words), []))
 
     async def _read_header(self, address: int) -> tuple[int, int] | None:
-        """Read a model's ID and L; None where the device answers exception 2."""
+        """Read a model's ID and L, or return None where the device rejects the read."""
         try:
             model_id, length = await self.endpoint.read(self.unit, address, 2)
             return model_id, length
         except ModbusExceptionResponse as err:
             if err.code != ILLEGAL_DATA_ADDRESS:
                 raise
-        # Some devices reject a header read together but answer each register alone.
+        # Some devices reject a two-register header read but return each register alone.
         try:
             (model_id,) = await self.endpoint.read(self.unit, address, 1)
             (length,) = await self.endpoint.read(self.unit, address + 1, 1)

@@ -194,7 +194,7 @@ async def test_case_c06_absent_unit(serve_image):  # noqa: F811
 
 async def test_case_c08_one_client(serve_image):  # noqa: F811
     simulator, run = await start_case(serve_image, "C08")
-    # Another client (a vendor app) holds the only connection the device accepts.
+    # Another client (a vendor app) has the only connection the device accepts.
     _, holder = await asyncio.open_connection("127.0.0.1", simulator.port)
     try:
         await run.poll(0)

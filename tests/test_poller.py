@@ -146,7 +146,7 @@ class TestUnitPoller:
         await poller.poll()
         await poller.poll()
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-        recoveries = [r for r in caplog.records if "answering again" in r.message]
+        recoveries = [r for r in caplog.records if "responding again" in r.message]
         assert len(warnings) == 1
         assert "reported as offline" in warnings[0].message
         assert len(recoveries) == 1

@@ -96,7 +96,7 @@ class TestDiscover:
 
     async def test_exception_11_no_device(self):
         endpoint = FakeEndpoint.from_case(load_case("C06"))
-        with pytest.raises(NoDevice, match="unit 2: the gateway answered exception 11"):
+        with pytest.raises(NoDevice, match="unit 2: the gateway returned exception 11"):
             await discover(endpoint, 2)
         assert endpoint.requests == [(2, 40000, 2)]
 
