@@ -23,6 +23,12 @@ class Backoff:
         """Build the tenacity wait strategy for this policy."""
         return tenacity.wait_random_exponential(multiplier=self.initial, max=self.maximum)
 
+    def delay(self, attempt: int) -> float:
+        """Return the wait in seconds before retry `attempt` (1 for the first retry)."""
+        state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        state.attempt_number = attempt
+        return self.wait_strategy()(state)
+
     def retrying(self, retry_on: type[BaseException] | tuple[type[BaseException], ...],
                  before_sleep=None) -> tenacity.AsyncRetrying:
         """Build an async retry loop that never stops retrying `retry_on` errors."""
