@@ -371,7 +371,7 @@ async def _poll_round(endpoint: Endpoint, pollers: Sequence[UnitPoller],
             except Exception:
                 logger.exception("%s: storing a poll failed", poller.address)
     try:
-        await endpoint.end_poll()  # type: ignore[attr-defined]
+        await endpoint.end_poll()
     except Exception:
         logger.exception("%s: ending the poll round failed",
                          endpoint.settings.label)

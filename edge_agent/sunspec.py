@@ -63,6 +63,8 @@ class Endpoint(Protocol):
         self, unit: int, address: int, count: int, function_code: int | None = None
     ) -> list[int]: ...
 
+    async def end_poll(self) -> None: ...
+
 
 # --- model layouts ---------------------------------------------------------------
 
