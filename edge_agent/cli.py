@@ -37,6 +37,10 @@ def main(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # pymodbus logs every failed connect and unanswered request itself. The transport
+    # translates those and logs an outage once, so pymodbus logs only with -v.
+    pymodbus_level = logging.DEBUG if verbose else logging.CRITICAL
+    logging.getLogger("pymodbus").setLevel(pymodbus_level)
 
 
 _CONFIG_FILE = click.Path(dir_okay=False, path_type=Path)
@@ -110,6 +114,46 @@ def buffer_command(config_path: Path) -> None:
         when = datetime.fromtimestamp(batch.quarantined_ms / 1000, UTC)
         click.echo(f"  {batch.batch_id} {when:%Y-%m-%dT%H:%M:%SZ} "
                    f"{batch.readings} readings: {batch.reason}")
+
+
+@main.command()
+@click.argument("image_paths", metavar="IMAGE...", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--port", required=True, type=click.IntRange(0, 65535),
+              help="TCP port to listen on (0 picks a free one).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on.")
+@click.option("--framer", type=click.Choice(["tcp", "rtu-over-tcp"]), default="tcp",
+              show_default=True,
+              help="Modbus TCP, or RTU frames over TCP like a serial gateway.")
+def simulate(image_paths: tuple[Path, ...], port: int, host: str, framer: str) -> None:
+    """Serve device images as Modbus devices until SIGTERM or Ctrl-C.
+
+    Register images keep their unit ids. The Nth pysunspec2 device JSON file gets
+    unit id N.
+
+    Example: solarfleet-agent simulate tests/fixtures/cases/C06.json --port 5020
+    """
+    from edge_agent.images import load_images, merge_images
+    from edge_agent.simulator import Simulator
+
+    images = load_images(list(image_paths))
+    simulator = Simulator(merge_images(images), host=host, port=port,
+                          framer=framer)  # type: ignore[arg-type]
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        async with simulator:
+            for image in images:
+                for unit in image.units:
+                    click.echo(f"serving {image.name} as unit {unit} on "
+                               f"{simulator.address} ({framer})")
+            await stop.wait()
+
+    asyncio.run(serve())
 
 
 def _load_one_line(config_path: Path) -> AgentConfig:

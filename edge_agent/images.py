@@ -64,7 +64,7 @@ class RegisterBlock:
 
 @dataclass(frozen=True, slots=True)
 class ExceptionRange:
-    """Reads overlapping [first, last] with at least `min_count` registers get `code`."""
+    """Exception `code` for reads of `min_count`+ registers overlapping [first, last]."""
 
     first: int
     last: int
@@ -180,15 +180,7 @@ def load_image(path: str | Path, unit: int | None = None) -> SiteImage:
     :raises ImageError: the file cannot be read or is not a valid image.
     """
     path = Path(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ImageError(f"{path}: cannot read image file: {err.strerror}") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ImageError(f"{path}: not valid JSON: {err}") from err
-    if not isinstance(document, dict):
-        raise ImageError(f"{path}: expected a JSON object at the top level")
-
+    document = _read_document(path)
     if "format" in document:
         image = _parse_register_image(path, document)
         return _with_unit(path, image, unit) if unit is not None else image
@@ -198,6 +190,23 @@ def load_image(path: str | Path, unit: int | None = None) -> SiteImage:
         f"{path}: unknown image format; expected \"format\": 1 (register image) "
         "or \"models\" (pysunspec2 device JSON)"
     )
+
+
+def load_images(paths: list[Path]) -> list[SiteImage]:
+    """Load images to serve on one port, giving pysunspec2 devices unit ids in order.
+
+    Register images keep their unit ids, and the Nth pysunspec2 device file in `paths`
+    gets unit id N.
+    """
+    images = []
+    sunspec_devices = 0
+    for path in paths:
+        unit = None
+        if "models" in _read_document(path):
+            sunspec_devices += 1
+            unit = sunspec_devices
+        images.append(load_image(path, unit))
+    return images
 
 
 def merge_images(images: list[SiteImage]) -> SiteImage:
@@ -235,6 +244,18 @@ def merge_images(images: list[SiteImage]) -> SiteImage:
     )
 
 
+def _read_document(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ImageError(f"{path}: cannot read image file: {err.strerror}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ImageError(f"{path}: not valid JSON: {err}") from err
+    if not isinstance(document, dict):
+        raise ImageError(f"{path}: expected a JSON object at the top level")
+    return document
+
+
 # Raw register images (format 1)
 
 
@@ -255,7 +276,8 @@ def _parse_register_image(path: Path, document: dict[str, Any]) -> SiteImage:
 
     raw_steps = _require_list(path, document, "steps", "steps", default=[])
     steps = tuple(
-        _parse_step(path, raw, f"steps[{i}]", devices) for i, raw in enumerate(raw_steps)
+        _parse_step(path, raw, f"steps[{i}]", devices)
+        for i, raw in enumerate(raw_steps)
     )
     name = document.get("id") or path.stem
     return SiteImage(name=str(name), devices=devices, link=link, steps=steps)
@@ -318,7 +340,9 @@ def _parse_exception(path: Path, raw: Any, where: str) -> ExceptionRange:
             f"{path}: {where}.code: {code} is not a Modbus exception code; "
             f"use one of {', '.join(map(str, EXCEPTION_CODES))}"
         )
-    min_count = _require_int(path, raw.get("min_count", 1), f"{where}.min_count", 1, 125)
+    min_count = _require_int(
+        path, raw.get("min_count", 1), f"{where}.min_count", 1, 125
+    )
     return ExceptionRange(first, last, code, min_count)
 
 
@@ -332,7 +356,9 @@ def _parse_step(
     elif len(devices) == 1:
         unit = devices[0].unit
     else:
-        raise ImageError(f"{path}: {where}.unit: missing; the image has several devices")
+        raise ImageError(
+            f"{path}: {where}.unit: missing; the image has several devices"
+        )
     device = next((d for d in devices if d.unit == unit), None)
     if device is None:
         raise ImageError(f"{path}: {where}.unit: no device has unit id {unit}")
@@ -426,7 +452,8 @@ def _parse_sunspec_device(path: Path, document: dict[str, Any], unit: int) -> Si
         words.extend(_model_words(path, index, model))
     words.extend(END_MARKER)
 
-    device = DeviceImage(unit=unit, holding=(RegisterBlock(SUNSPEC_BASE, tuple(words)),))
+    block = RegisterBlock(SUNSPEC_BASE, tuple(words))
+    device = DeviceImage(unit=unit, holding=(block,))
     name = document.get("name") or path.stem
     return SiteImage(name=str(name), devices=(device,))
 

@@ -50,7 +50,7 @@ class _Link:
         self.last_reply_at: float | None = None
 
     def screen(self, request: ModbusPDU, connected_at: float) -> ExcCodes | str | None:
-        """Return _NO_ANSWER, an exception code to send, or None to serve the request."""
+        """Return _NO_ANSWER, an exception code to send, or None to serve it."""
         behaviour = self.behaviour
         elapsed_ms = (self.clock() - connected_at) * 1000
         if elapsed_ms < behaviour.ignore_requests_within_ms_of_connect:
@@ -89,7 +89,9 @@ class _RequestHandler(ServerRequestHandler):
     """
 
     def __init__(self, server: _GatewayMixin) -> None:
-        super().__init__(server, server.trace_packet, server.trace_pdu, server.trace_connect)
+        super().__init__(
+            server, server.trace_packet, server.trace_pdu, server.trace_connect
+        )
         self.gateway = server
         self.connected_at = 0.0
 

@@ -1,4 +1,4 @@
-"""Modbus endpoints: one connection per TCP address or serial bus, one request at a time.
+"""Modbus endpoints: one connection per TCP address or serial bus, one request at once.
 
 `ModbusEndpoint.read` connects lazily, splits long reads, paces requests and reconnects
 with the agent's backoff policy. pymodbus errors are translated here, once, into the
@@ -42,7 +42,7 @@ EXCEPTION_NAMES = {
 MAX_REGISTERS = 125  # protocol limit of one FC3/FC4 read
 BUSY_CODE = 6
 # NOTE: two retries 0.1 s apart are an estimate for devices that respond with
-# exception 6 while busy; a device that stays busy longer reaches the caller as exception 6.
+# exception 6 while busy. A device busy for longer raises exception 6 to the caller.
 BUSY_RETRIES = 2
 BUSY_WAIT = 0.1  # seconds; request_gap is used where it is longer
 
@@ -159,7 +159,9 @@ class ModbusEndpoint:
             client = await self._connected_client()
             words: list[int] = []
             for start, size in split_read(address, count, max_registers):
-                words += await self._read_piece(client, unit, start, size, function_code)
+                words += await self._read_piece(
+                    client, unit, start, size, function_code
+                )
             return words
 
     async def end_poll(self) -> None:
@@ -201,7 +203,8 @@ class ModbusEndpoint:
         options = {
             "timeout": settings.timeout,
             "retries": 0,
-            "reconnect_delay": 0,  # reconnects follow the agent's backoff, not pymodbus's
+            # Reconnects follow the agent's backoff, not pymodbus's.
+            "reconnect_delay": 0,
             "name": self.label,
         }
         if settings.transport == "rtu":
@@ -354,7 +357,8 @@ class ModbusEndpoint:
 def _check_read(label: str, unit: int, address: int, count: int, function_code: int):
     if function_code not in (3, 4):
         raise ModbusError(
-            f"{label}: function code {function_code} is not a register read; use 3 or 4",
+            f"{label}: function code {function_code} is not a register read; "
+            "use 3 or 4",
             label=label,
         )
     if not 0 <= unit <= 255:

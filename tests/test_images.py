@@ -17,6 +17,7 @@ from edge_agent.images import (
     SiteImage,
     Step,
     load_image,
+    load_images,
     merge_images,
 )
 from sim_fixtures import CASES, DEVICE_1547, load_case
@@ -31,7 +32,9 @@ def write_image(tmp_path: Path, document: object) -> Path:
 def minimal_image(**device: object) -> dict:
     return {
         "format": 1,
-        "devices": [{"unit": 1, "holding": [{"address": 0, "words": "0001"}], **device}],
+        "devices": [
+            {"unit": 1, "holding": [{"address": 0, "words": "0001"}], **device}
+        ],
     }
 
 
@@ -153,7 +156,8 @@ class TestSunSpecDevice:
     def test_unknown_model(self, tmp_path):
         path = write_image(tmp_path, {"name": "x", "models": [{"ID": 64999}]})
 
-        with pytest.raises(ImageError, match="model 64999 has no pysunspec2 definition"):
+        message = "model 64999 has no pysunspec2 definition"
+        with pytest.raises(ImageError, match=message):
             load_image(path)
 
 
@@ -190,7 +194,10 @@ class TestImageErrors:
             ),
             ({**minimal_image(), "link": {"speed": 1}}, r"link.speed: unknown setting"),
             (
-                {**minimal_image(), "steps": [{"holding": [{"address": 5, "words": "1"}]}]},
+                {
+                    **minimal_image(),
+                    "steps": [{"holding": [{"address": 5, "words": "1"}]}],
+                },
                 r"steps\[0\].holding: address 5 count 1 patches registers",
             ),
             (
@@ -243,3 +250,9 @@ class TestMergeImages:
         merged = merge_images([other, load_case("C13")])
 
         assert merged.steps == load_case("C13").steps
+
+
+def test_load_images_numbers_sunspec_devices():
+    images = load_images([DEVICE_1547, CASES / "C01a.json", DEVICE_1547])
+
+    assert [image.units for image in images] == [(1,), (126, 3), (2,)]

@@ -5,15 +5,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import signal
+import sys
 
 import pytest
+from click.testing import CliRunner
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusIOException
 from pymodbus.framer import FramerType
 
+from edge_agent.cli import main
 from edge_agent.images import DeviceImage, ImageError, LinkBehaviour, SiteImage, Step
 from edge_agent.simulator import Simulator, SimulatorError
-from sim_fixtures import DEVICE_1547, load_case, null_modem, serve_image  # noqa: F401
+from sim_fixtures import (  # noqa: F401
+    CASES,
+    DEVICE_1547,
+    load_case,
+    null_modem,
+    serve_image,
+)
 
 TIMEOUT = 0.2
 
@@ -306,7 +316,8 @@ async def test_restart_same_port():
 async def test_port_in_use(serve_image):
     simulator = await serve_image("C03")
 
-    with pytest.raises(SimulatorError, match=f"cannot serve on 127.0.0.1:{simulator.port}"):
+    message = f"cannot serve on 127.0.0.1:{simulator.port}"
+    with pytest.raises(SimulatorError, match=message):
         await Simulator(load_case("C03"), port=simulator.port).start()
 
 
@@ -315,3 +326,41 @@ def test_rtu_needs_serial_port():
 
     with pytest.raises(SimulatorError, match="needs a serial_port"):
         Simulator(image, framer="rtu")
+
+
+async def test_cli_simulate_serves_until_sigterm():
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edge_agent", "simulate", str(DEVICE_1547),
+        str(CASES / "C01a.json"), "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        lines = [
+            (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
+            for _ in range(3)
+        ]
+        port = int(lines[0].split(" on 127.0.0.1:")[1].split()[0])
+        assert lines == [
+            f"serving device_1547 as unit 1 on 127.0.0.1:{port} (tcp)\n",
+            f"serving C01a as unit 126 on 127.0.0.1:{port} (tcp)\n",
+            f"serving C01a as unit 3 on 127.0.0.1:{port} (tcp)\n",
+        ]
+        client = await connect(port)
+        assert await read(client, 40070, 2, unit=1) == [701, 153]
+        client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        returncode = await asyncio.wait_for(process.wait(), 10)
+    assert returncode == 0
+
+
+def test_cli_simulate_unit_clash():
+    result = CliRunner().invoke(
+        main, ["simulate", str(DEVICE_1547), str(CASES / "C06.json"), "--port", "0"]
+    )
+
+    assert result.exit_code == 2
+    assert result.output == (
+        "error: unit id 1 is used by both device_1547 and C06; "
+        "serve them on separate ports\n"
+    )
