@@ -1,0 +1,289 @@
+"""`make demo`: a whole solarfleet on one machine, from simulated devices to two shards.
+
+It starts an embedded PostgreSQL holding the catalog and two shards, creates three
+installations spread over both shards, serves one simulated site gateway per installation
+from the device images in `config/demo/`, runs the collector and one `solarfleet-agent run`
+process per installation, and prints what arrives until Ctrl-C.
+
+Each start begins from empty databases and buffers under the work directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import psycopg
+from aiohttp import web
+
+from collector import catalog, databases, embedded, migrate
+from collector.app import create_app
+from collector.config import (
+    EMBEDDED_CATALOG,
+    EMBEDDED_SHARDS,
+    CollectorConfig,
+    DatabaseConfig,
+    ServerConfig,
+)
+from collector.errors import CollectorError
+from edge_agent.images import load_image
+from edge_agent.simulator import Simulator
+
+logger = logging.getLogger(__name__)
+
+IMAGES_DIR = Path(__file__).resolve().parent.parent / "config" / "demo"
+# AC power channels of the inverter models: integer, float and IEEE 1547 families.
+AC_POWER_CHANNELS = ("101.W", "102.W", "103.W", "111.W", "112.W", "113.W", "701.W")
+AGENT_STOP_SECONDS = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSite:
+    """One simulated installation: its name, shard, gateway and device image."""
+
+    name: str
+    shard: str
+    gateway_id: str
+    image: str
+
+
+SITES = (
+    DemoSite("Alpha Solar Farm", "shard-1", "gw-alpha", "site-alpha-1547.json"),
+    DemoSite("Bravo Rooftop", "shard-2", "gw-bravo", "site-bravo.json"),
+    DemoSite("Charlie Storage", "shard-1", "gw-charlie", "site-charlie.json"),
+)
+
+
+@dataclass
+class RunningSite:
+    """A demo site with its simulator and agent process."""
+
+    site: DemoSite
+    installation_id: int
+    simulator: Simulator
+    agent: subprocess.Popen[bytes]
+    log_path: Path
+
+
+def reset_databases(pg_dir: Path) -> None:
+    """Drop the demo's catalog and shard databases so that every run starts empty."""
+    server = embedded.start(pg_dir)
+    try:
+        for dbname in (EMBEDDED_CATALOG, *(db for _, db in EMBEDDED_SHARDS)):
+            databases.drop_database(server.admin_dsn, dbname)
+    finally:
+        server.stop()
+
+
+def register_sites(catalog_dsn: str) -> list[tuple[DemoSite, int, str]]:
+    """Create the demo owner, installations and gateways; return ids and tokens."""
+    owner = catalog.add_owner(catalog_dsn, "Demo Solar Ltd", organization="solarfleet demo")
+    registered = []
+    for site in SITES:
+        installation = catalog.add_installation(
+            catalog_dsn, site.name, owner.id, shard=site.shard, timezone="Europe/Berlin"
+        )
+        _, token = catalog.add_gateway(catalog_dsn, site.gateway_id, installation.id)
+        registered.append((site, installation.id, token))
+    return registered
+
+
+def write_agent_config(directory: Path, site: DemoSite, url: str, token: str,
+                       simulator_port: int, unit_ids: tuple[int, ...]) -> Path:
+    """Write the agent config of one demo site and return its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    units = ", ".join(str(unit) for unit in unit_ids)
+    path = directory / "agent.toml"
+    path.write_text(
+        f'[gateway]\nid = "{site.gateway_id}"\n\n'
+        f'[collector]\nurl = "{url}"\ntoken = "{token}"\ninterval = 1.0\n\n'
+        f'[buffer]\npath = "buffer.sqlite"\n\n'
+        f'[[devices]]\nname = "site-gateway"\ntransport = "tcp"\n'
+        f'host = "127.0.0.1"\nport = {simulator_port}\nunit_ids = [{units}]\n'
+        f"poll_interval = 2.0\ntimeout = 1.0\n"
+    )
+    return path
+
+
+def start_agent(config_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start `solarfleet-agent run` for one site, logging to a file beside its config."""
+    log_path = config_path.with_name("agent.log")
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run", "--config", str(config_path)],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    return process, log_path
+
+
+def stop_agents(sites: list[RunningSite]) -> None:
+    """Send SIGTERM to every agent and wait for each, killing one that hangs."""
+    for running in sites:
+        if running.agent.poll() is None:
+            running.agent.send_signal(signal.SIGTERM)
+    for running in sites:
+        try:
+            running.agent.wait(timeout=AGENT_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            logger.warning("agent of %s did not stop in %.0f s; killing it",
+                           running.site.name, AGENT_STOP_SECONDS)
+            running.agent.kill()
+            running.agent.wait()
+
+
+def shard_summary(dsn: str) -> tuple[int, int, int, int, dict[str, tuple[str, float | None]]]:
+    """Count installations, devices, channels and readings on one shard.
+
+    Also returns the latest AC power of each inverter by device id, with its channel.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        installations, devices = conn.execute(
+            "SELECT count(DISTINCT installation_id), count(*) FROM devices"
+        ).fetchone() or (0, 0)
+        channels = (conn.execute("SELECT count(*) FROM channels").fetchone() or (0,))[0]
+        readings = (conn.execute("SELECT count(*) FROM readings").fetchone() or (0,))[0]
+        rows = conn.execute(
+            "SELECT d.device_id, c.name, c.last_value FROM channels c"
+            " JOIN devices d ON d.id = c.device_id WHERE c.name = ANY(%s)"
+            " ORDER BY d.device_id",
+            (list(AC_POWER_CHANNELS),),
+        ).fetchall()
+    power = {device_id: (name, value) for device_id, name, value in rows}
+    return installations, devices, channels, readings, power
+
+
+def format_summary(elapsed: float, shards: tuple[tuple[str, str], ...]) -> str:
+    """Render one summary block of what has arrived in every shard."""
+    lines = [f"--- {elapsed:5.0f} s ---"]
+    power_parts = []
+    for name, dsn in shards:
+        try:
+            installations, devices, channels, readings, power = shard_summary(dsn)
+        except psycopg.Error as err:
+            lines.append(f"{name}: unreachable ({str(err).splitlines()[0]})")
+            continue
+        lines.append(
+            f"{name}: {installations} installations, {devices} devices, "
+            f"{channels} channels, {readings} readings"
+        )
+        for device_id, (channel, value) in power.items():
+            shown = "no value" if value is None else f"{value:g} W"
+            power_parts.append(f"  {device_id} ({name}) {channel} = {shown}")
+    if power_parts:
+        lines.append("latest AC power:")
+        lines.extend(power_parts)
+    return "\n".join(lines)
+
+
+async def start_sites(workdir: Path, url: str,
+                      registered: list[tuple[DemoSite, int, str]]) -> list[RunningSite]:
+    """Serve each site's simulated gateway and start its agent."""
+    running = []
+    for site, installation_id, token in registered:
+        image = load_image(IMAGES_DIR / site.image)
+        simulator = Simulator(image, port=0)
+        await simulator.start()
+        config_path = write_agent_config(
+            workdir / "agents" / site.gateway_id, site, url, token,
+            simulator.port, tuple(image.units),
+        )
+        agent, log_path = start_agent(config_path)
+        running.append(RunningSite(site, installation_id, simulator, agent, log_path))
+        click.echo(
+            f"site {site.name!r}: installation {installation_id} on {site.shard}, "
+            f"simulator on 127.0.0.1:{simulator.port} units "
+            f"{', '.join(map(str, image.units))}, agent log {log_path}"
+        )
+    return running
+
+
+async def watch(shards: tuple[tuple[str, str], ...], sites: list[RunningSite],
+                stop: asyncio.Event, interval: float, duration: float | None) -> None:
+    """Print a summary every `interval` seconds until `stop` or `duration` runs out."""
+    started = time.monotonic()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        except TimeoutError:
+            pass
+        elapsed = time.monotonic() - started
+        click.echo(await asyncio.to_thread(format_summary, elapsed, shards))
+        for running in sites:
+            if running.agent.poll() is not None:
+                click.echo(f"agent of {running.site.name!r} exited with status "
+                           f"{running.agent.returncode}; see {running.log_path}")
+                stop.set()
+        if duration is not None and elapsed >= duration:
+            stop.set()
+
+
+async def run_demo(workdir: Path, port: int, interval: float,
+                   duration: float | None) -> None:
+    """Run the whole demo until Ctrl-C (or `duration` seconds) and shut it down."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    shutil.rmtree(workdir / "agents", ignore_errors=True)
+    pg_dir = workdir / "pg"
+    click.echo(f"starting embedded PostgreSQL in {pg_dir}")
+    await asyncio.to_thread(reset_databases, pg_dir)
+    config = CollectorConfig(
+        server=ServerConfig(host="127.0.0.1", port=port),
+        database=DatabaseConfig(embedded_dir=pg_dir),
+    )
+    dbs = await asyncio.to_thread(migrate.prepare, config.database)
+    runner = web.AppRunner(create_app(config))
+    sites: list[RunningSite] = []
+    try:
+        registered = await asyncio.to_thread(register_sites, dbs.catalog_dsn)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        url = f"http://127.0.0.1:{port}"
+        click.echo(f"collector listening on {url}")
+        sites = await start_sites(workdir, url, registered)
+        click.echo("waiting for readings; press Ctrl-C to stop")
+        shards = tuple((shard.name, shard.dsn) for shard in dbs.shards)
+        await watch(shards, sites, stop, interval, duration)
+    finally:
+        click.echo("stopping agents, simulators and collector")
+        await asyncio.to_thread(stop_agents, sites)
+        for running in sites:
+            await running.simulator.stop()
+        await runner.cleanup()
+        await asyncio.to_thread(dbs.close)
+        click.echo("demo stopped")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("var/demo"), show_default=True,
+              help="Directory for the embedded PostgreSQL, agent configs and buffers.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,
+              help="TCP port of the collector on 127.0.0.1.")
+@click.option("--interval", type=click.FloatRange(min=0.5), default=5.0,
+              show_default=True, help="Seconds between summaries.")
+@click.option("--duration", type=click.FloatRange(min=1.0), default=None,
+              help="Stop after this many seconds instead of waiting for Ctrl-C.")
+def main(workdir: Path, port: int, interval: float, duration: float | None) -> None:
+    """Run simulated sites, agents, the collector and PostgreSQL, and show what arrives."""
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run_demo(workdir, port, interval, duration))
+    except (CollectorError, OSError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
