@@ -64,7 +64,7 @@ class RegisterBlock:
 
 @dataclass(frozen=True, slots=True)
 class ExceptionRange:
-    """Exception `code` for reads of `min_count`+ registers overlapping [first, last]."""
+    """Exception `code` for reads of min_count+ registers overlapping [first, last]."""
 
     first: int
     last: int

@@ -254,7 +254,7 @@ class ModbusEndpoint:
                 label=self.label,
             )
         else:
-            reason = _describe_os_error(error, self.settings.timeout)
+            reason = _describe_os_error(error, self.settings)
             failure = ModbusDisconnected(
                 f"{self.label}: cannot connect: {reason}", label=self.label
             )
@@ -377,7 +377,11 @@ def _describe_request(
     return f"{label} unit {unit}: read {address} count {count} (FC{function_code})"
 
 
-def _describe_os_error(error: OSError | None, timeout: float) -> str:
+def _describe_os_error(error: OSError | None, settings: EndpointSettings) -> str:
+    if settings.transport == "rtu":
+        fix = "check serial_port and that the agent may open it"
+    else:
+        fix = "check host, port and the network"
     if error is None:
-        return f"no connection within {timeout:g} s; check the address and the network"
-    return f"{error.strerror or error}; check the address and the network"
+        return f"no connection within {settings.timeout:g} s; {fix}"
+    return f"{error.strerror or error}; {fix}"
