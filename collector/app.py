@@ -1,0 +1,211 @@
+"""The collector's HTTP API (aiohttp): batch ingest, latest values, health.
+
+Every error reply is `{"error": "<one line>"}` with the status that tells the sender what
+to do: 400 fix the batch, 401 or 403 fix the token or gateway id, 413 send smaller
+batches, 503 retry later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import psycopg
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool
+
+from collector import batch as wire
+from collector import fleet, ingest, migrate
+from collector.catalog import Authenticator
+from collector.config import CollectorConfig
+from collector.errors import BatchRejected, DatabaseError, NotFound, ShardUnavailable
+from collector.sharding import ShardPools
+
+logger = logging.getLogger(__name__)
+
+_READ_CHUNK = 64 * 1024
+_ENCODINGS = ("", "identity", "gzip")
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What the request handlers use, opened at startup and closed at cleanup."""
+
+    config: CollectorConfig
+    databases: migrate.Databases
+    catalog: AsyncConnectionPool
+    auth: Authenticator
+    shards: ShardPools
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+class Unauthorized(Exception):
+    """Missing, unknown or revoked token or key (401)."""
+
+
+class Forbidden(Exception):
+    """A valid token used for something it does not cover (403)."""
+
+
+_STATUS: dict[type[Exception], int] = {
+    Unauthorized: 401, Forbidden: 403, NotFound: 404,
+    ShardUnavailable: 503, DatabaseError: 503,
+}
+
+
+def create_app(config: CollectorConfig) -> web.Application:
+    """Build the collector application.
+
+    At startup it opens the databases the config names (starting the embedded
+    PostgreSQL when none is configured), applies pending migrations and opens a pool
+    per shard. A shard that is down at startup gets 503s until it is reachable.
+    """
+    app = web.Application(middlewares=[_json_errors])
+    app.cleanup_ctx.append(_services(config))
+    app.router.add_post("/api/v1/batches", post_batch)
+    app.router.add_get("/api/v1/installations/{installation_id}/latest", get_latest)
+    app.router.add_get("/healthz", get_health)
+    return app
+
+
+def _services(config: CollectorConfig
+              ) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        dbs = await asyncio.to_thread(
+            migrate.prepare, config.database, skip_unreachable_shards=True
+        )
+        timeout = config.server.shard_timeout
+        catalog = AsyncConnectionPool(dbs.catalog_dsn, min_size=1, max_size=5,
+                                      open=False, name="catalog", timeout=timeout,
+                                      check=AsyncConnectionPool.check_connection)
+        shards = ShardPools(dbs.shards, timeout)
+        await catalog.open(wait=False)
+        await shards.open()
+        auth = Authenticator(catalog, config.server.auth_cache_seconds)
+        app[SERVICES] = Services(config, dbs, catalog, auth, shards)
+        logger.info("collector ready with shards %s", ", ".join(shards.names))
+        try:
+            yield
+        finally:
+            await shards.close()
+            await catalog.close()
+            await asyncio.to_thread(dbs.close)
+
+    return context
+
+
+@web.middleware
+async def _json_errors(request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                       ) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BatchRejected as err:
+        return _error(err.status, str(err))
+    except tuple(_STATUS) as err:
+        status = next(code for kind, code in _STATUS.items() if isinstance(err, kind))
+        return _error(status, str(err))
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        return _error(err.status, err.reason)
+
+
+def _error(status: int, message: str) -> web.Response:
+    line = message.splitlines()[0] if message else "error"
+    return web.json_response({"error": line}, status=status)
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, credential = header.partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        raise Unauthorized("missing bearer token: send Authorization: Bearer <token>")
+    return credential.strip()
+
+
+async def post_batch(request: web.Request) -> web.Response:
+    """Store one batch from a gateway; reply only after its shard committed it."""
+    services = request.app[SERVICES]
+    identity = await services.auth.gateway(_bearer(request))
+    if identity is None:
+        raise Unauthorized("unknown or revoked gateway token")
+    body = await read_body(request, services.config.server.max_batch_bytes)
+    batch = wire.parse(body)
+    if batch.gateway_id != identity.gateway_id:
+        raise Forbidden(
+            f"gateway_id {batch.gateway_id!r} does not match the token's gateway"
+        )
+    async with services.shards.connection(identity.shard) as conn:
+        result = await ingest.store_batch(conn, identity.installation_id, batch)
+    return web.json_response({"batch_id": result.batch_id, "stored": result.stored,
+                              "duplicates": result.duplicates})
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """Read the request body, gzip-decoded, stopping as soon as it exceeds `limit` bytes.
+
+    aiohttp decodes a gzip body while it streams in, in bounded pieces, so a small
+    compressed body that expands enormously is cut off at the limit.
+    """
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in _ENCODINGS:
+        raise BatchRejected(
+            f"Content-Encoding {encoding!r} is not supported: send gzip or identity"
+        )
+    body = bytearray()
+    try:
+        async for chunk in request.content.iter_chunked(_READ_CHUNK):
+            body += chunk
+            if len(body) > limit:
+                raise BatchRejected(
+                    f"body exceeds the limit of {limit} bytes after decompression: "
+                    "send smaller batches", status=413,
+                )
+    except web.RequestPayloadError as err:
+        # NOTE: aiohttp also logs this at error level and closes the connection.
+        raise BatchRejected(f"body cannot be decoded as {encoding or 'identity'}") from err
+    return bytes(body)
+
+
+def _operator(request: web.Request) -> Awaitable[str | None]:
+    return request.app[SERVICES].auth.key(_bearer(request))
+
+
+async def get_latest(request: web.Request) -> web.Response:
+    """Return the latest value of every channel and the state of every device."""
+    services = request.app[SERVICES]
+    if await _operator(request) is None:
+        raise Unauthorized("unknown or revoked operator key")
+    installation_id = _installation_id(request)
+    shard = await services.auth.installation_shard(installation_id)
+    if shard is None:
+        raise NotFound(f"installation {installation_id} not found")
+    async with services.shards.connection(shard) as conn:
+        latest = await fleet.latest(conn, installation_id)
+    return web.json_response(latest)
+
+
+def _installation_id(request: web.Request) -> int:
+    text = request.match_info["installation_id"]
+    if not text.isdigit() or len(text) > 18:
+        raise NotFound(f"installation {text!r} not found: ids are positive integers")
+    return int(text)
+
+
+async def get_health(request: web.Request) -> web.Response:
+    """Report whether the catalog answers and which shards failed their last request."""
+    services = request.app[SERVICES]
+    shards = {name: ("down" if services.shards.is_down(name) else "up")
+              for name in services.shards.names}
+    try:
+        async with services.catalog.connection() as conn:
+            await conn.execute("SELECT 1")
+    except psycopg.Error as err:
+        logger.debug("health check of the catalog failed: %s", err)
+        return web.json_response({"status": "catalog down", "shards": shards}, status=503)
+    return web.json_response({"status": "ok", "shards": shards})

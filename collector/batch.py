@@ -1,0 +1,268 @@
+"""The batch wire format (format 1): parsing and validating a batch body.
+
+Any fault rejects the whole batch with a one-line reason that names the offending
+element, so that nothing of a malformed batch is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from collector.errors import BatchRejected
+
+FORMAT = 1
+STATES = frozenset({"online", "sleeping", "offline", "refused", "not-sunspec", "malformed"})
+MAX_DEVICES = 1_000
+MAX_CHANNELS = 50_000
+MAX_READINGS = 200_000
+MAX_STATES = 50_000
+MAX_ID_LENGTH = 200
+MAX_TEXT_LENGTH = 200
+MAX_UNIT_LENGTH = 32
+# Readings before 2000-01-01 UTC, or more than a day ahead of the collector's clock, come
+# from a gateway clock that is not set.
+MIN_TIME_MS = 946_684_800_000
+MAX_AHEAD_MS = 86_400_000
+_DEVICE_TEXT = ("name", "manufacturer", "model", "serial", "version", "address")
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A device as the gateway describes it."""
+
+    device_id: str
+    name: str = ""
+    manufacturer: str | None = None
+    model: str | None = None
+    serial: str | None = None
+    version: str | None = None
+    address: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """One measured quantity of one device."""
+
+    device_id: str
+    name: str
+    unit: str | None = None
+
+    @property
+    def parameter(self) -> str:
+        """The quantity without its model prefix or group: "DCW" for "160.module[2].DCW"."""
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    device_id: str
+    channel: str
+    time_ms: int
+    value: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    device_id: str
+    time_ms: int
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A validated batch: every reading's device and channel are listed."""
+
+    batch_id: str
+    gateway_id: str
+    devices: tuple[Device, ...]
+    channels: tuple[Channel, ...]
+    readings: tuple[Reading, ...]
+    states: tuple[State, ...]
+
+
+def parse(body: bytes, now_ms: int | None = None) -> Batch:
+    """Parse and validate a batch body, JSON in UTF-8.
+
+    `now_ms` is the collector's clock in Unix milliseconds, for the check of reading times.
+
+    :raises BatchRejected: the body is not a valid format 1 batch.
+    """
+    if now_ms is None:
+        now_ms = time.time_ns() // 1_000_000
+    data = _load_json(body)
+    if not isinstance(data, dict):
+        raise BatchRejected("batch must be a JSON object")
+    version = data.get("format")
+    if version != FORMAT or isinstance(version, bool):
+        raise BatchRejected(f"format {version!r} is not supported: send format {FORMAT}")
+    batch_id = _identifier(data.get("batch_id"), "batch_id")
+    gateway_id = _identifier(data.get("gateway_id"), "gateway_id")
+    devices = _parse_devices(_array(data, "devices", MAX_DEVICES))
+    channels = _parse_channels(_array(data, "channels", MAX_CHANNELS), devices)
+    times = (MIN_TIME_MS, now_ms + MAX_AHEAD_MS)
+    readings = _parse_readings(_array(data, "readings", MAX_READINGS), channels, times)
+    states = _parse_states(_array(data, "states", MAX_STATES), devices, times)
+    return Batch(batch_id, gateway_id, tuple(devices.values()),
+                 tuple(channels.values()), readings, states)
+
+
+def _load_json(body: bytes) -> Any:
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except UnicodeDecodeError as err:
+        raise BatchRejected("body is not valid UTF-8") from err
+    except json.JSONDecodeError as err:
+        raise BatchRejected(f"body is not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise BatchRejected("body is not valid JSON: nested too deeply") from err
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise BatchRejected(f"body is not valid JSON: {err}") from err
+
+
+def _reject_constant(name: str) -> None:
+    raise BatchRejected(f"body is not valid JSON: {name} is not a JSON number")
+
+
+def _array(data: dict[str, Any], key: str, limit: int) -> list[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise BatchRejected(f"{key} must be an array, got {type(value).__name__}")
+    if len(value) > limit:
+        raise BatchRejected(
+            f"{key} has {len(value)} elements, more than the limit of {limit}: "
+            "send smaller batches"
+        )
+    return value
+
+
+def _identifier(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
+        raise BatchRejected(
+            f"{where} must be a string of 1-{MAX_ID_LENGTH} characters, got {_short(value)}"
+        )
+    return value
+
+
+def _optional_text(value: Any, where: str, limit: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise BatchRejected(
+            f"{where} must be a string of at most {limit} characters or null, "
+            f"got {_short(value)}"
+        )
+    return value
+
+
+def _parse_devices(items: list[Any]) -> dict[str, Device]:
+    devices: dict[str, Device] = {}
+    for index, item in enumerate(items):
+        where = f"devices[{index}]"
+        if not isinstance(item, dict):
+            raise BatchRejected(f"{where} must be an object")
+        device_id = _identifier(item.get("device_id"), f"{where}.device_id")
+        if device_id in devices:
+            raise BatchRejected(f"{where}.device_id {device_id!r} is listed twice")
+        text = {
+            key: _optional_text(item.get(key), f"{where}.{key}", MAX_TEXT_LENGTH)
+            for key in _DEVICE_TEXT
+        }
+        devices[device_id] = Device(device_id, name=text.pop("name") or "", **text)
+    return devices
+
+
+def _parse_channels(items: list[Any], devices: dict[str, Device]
+                    ) -> dict[tuple[str, str], Channel]:
+    channels: dict[tuple[str, str], Channel] = {}
+    for index, item in enumerate(items):
+        where = f"channels[{index}]"
+        if not isinstance(item, dict):
+            raise BatchRejected(f"{where} must be an object")
+        device_id = _listed_device(item.get("device_id"), f"{where}.device_id", devices)
+        name = _identifier(item.get("name"), f"{where}.name")
+        unit = _optional_text(item.get("unit"), f"{where}.unit", MAX_UNIT_LENGTH)
+        if (device_id, name) in channels:
+            raise BatchRejected(f"{where}: channel {name!r} of {device_id!r} is listed twice")
+        channels[(device_id, name)] = Channel(device_id, name, unit)
+    return channels
+
+
+def _listed_device(value: Any, where: str, devices: dict[str, Device]) -> str:
+    device_id = _identifier(value, where)
+    if device_id not in devices:
+        raise BatchRejected(f"{where} {device_id!r} is not listed in devices")
+    return device_id
+
+
+def _parse_readings(items: list[Any], channels: dict[tuple[str, str], Channel],
+                    times: tuple[int, int]) -> tuple[Reading, ...]:
+    readings = []
+    for index, item in enumerate(items):
+        where = f"readings[{index}]"
+        device_id, channel, time_ms, value = _row(item, 4, where)
+        if not isinstance(device_id, str) or not isinstance(channel, str):
+            raise BatchRejected(f"{where}: device id and channel must be strings")
+        if (device_id, channel) not in channels:
+            raise BatchRejected(
+                f"{where}: channel {channel!r} of {device_id!r} is not listed in channels"
+            )
+        readings.append(Reading(device_id, channel, _time(time_ms, where, times),
+                                _value(value, where)))
+    return tuple(readings)
+
+
+def _parse_states(items: list[Any], devices: dict[str, Device],
+                  times: tuple[int, int]) -> tuple[State, ...]:
+    states = []
+    for index, item in enumerate(items):
+        where = f"states[{index}]"
+        device_id, time_ms, state = _row(item, 3, where)
+        device_id = _listed_device(device_id, f"{where} device id", devices)
+        if state not in STATES:
+            raise BatchRejected(
+                f"{where}: state {_short(state)} is unknown: use one of "
+                f"{', '.join(sorted(STATES))}"
+            )
+        states.append(State(device_id, _time(time_ms, where, times), state))
+    return tuple(states)
+
+
+def _row(item: Any, size: int, where: str) -> Sequence[Any]:
+    if not isinstance(item, list) or len(item) != size:
+        raise BatchRejected(f"{where} must be an array of {size} elements")
+    return item
+
+
+def _time(value: Any, where: str, times: tuple[int, int]) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BatchRejected(f"{where}: time must be an integer of Unix milliseconds")
+    low, high = times
+    if not low <= value <= high:
+        raise BatchRejected(
+            f"{where}: time {value} ms is outside {low}..{high}: check the gateway clock"
+        )
+    return value
+
+
+def _value(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BatchRejected(f"{where}: value must be a number or null, got {_short(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise BatchRejected(f"{where}: value {value!r} is not finite: send null instead")
+    return number
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

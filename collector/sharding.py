@@ -1,0 +1,77 @@
+"""Shard routing: one connection pool per shard database.
+
+A request for an installation gets a connection of the installation's shard. A shard
+that cannot be reached raises `ShardUnavailable`, which affects only its installations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from collector.config import ShardConfig
+from collector.errors import ShardUnavailable
+from collector.outage import Outage
+
+logger = logging.getLogger(__name__)
+
+POOL_MAX_SIZE = 10
+
+
+class ShardPools:
+    """Connection pools of every configured shard, by shard name."""
+
+    def __init__(self, shards: Sequence[ShardConfig], timeout: float) -> None:
+        self._timeout = timeout
+        self._pools = {
+            shard.name: AsyncConnectionPool(
+                shard.dsn, min_size=1, max_size=POOL_MAX_SIZE, open=False,
+                name=shard.name, timeout=timeout,
+                check=AsyncConnectionPool.check_connection,
+            )
+            for shard in shards
+        }
+        self._outages = {name: Outage(logger, f"shard {name}") for name in self._pools}
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the configured shards."""
+        return list(self._pools)
+
+    async def open(self) -> None:
+        """Start the pools; connecting goes on in the background, so a down shard waits."""
+        for pool in self._pools.values():
+            await pool.open(wait=False)
+
+    async def close(self) -> None:
+        """Close every pool, ending its connections."""
+        for pool in self._pools.values():
+            await pool.close()
+
+    def is_down(self, shard: str) -> bool:
+        """True if the last request to `shard` failed to reach it."""
+        return self._outages[shard].down
+
+    @asynccontextmanager
+    async def connection(self, shard: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Lend a connection of `shard`.
+
+        :raises ShardUnavailable: the shard is not configured, no connection came within
+            the timeout, or the connection broke while in use.
+        """
+        pool = self._pools.get(shard)
+        if pool is None:
+            raise ShardUnavailable(f"shard {shard!r} is not in the collector's config")
+        outage = self._outages[shard]
+        try:
+            async with pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError as err:  # includes PoolTimeout, lost connections
+            outage.failed(err)
+            raise ShardUnavailable(f"shard {shard} is unavailable, retry later") from err
+        outage.recovered()
