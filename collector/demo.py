@@ -160,6 +160,10 @@ def shard_summary(dsn: str) -> tuple[int, int, int, int, dict[str, tuple[str, fl
     return installations, devices, channels, readings, power
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def format_summary(elapsed: float, shards: tuple[tuple[str, str], ...]) -> str:
     """Render one summary block of what has arrived in every shard."""
     lines = [f"--- {elapsed:5.0f} s ---"]
@@ -171,8 +175,9 @@ def format_summary(elapsed: float, shards: tuple[tuple[str, str], ...]) -> str:
             lines.append(f"{name}: unreachable ({str(err).splitlines()[0]})")
             continue
         lines.append(
-            f"{name}: {installations} installations, {devices} devices, "
-            f"{channels} channels, {readings} readings"
+            f"{name}: {_plural(installations, 'installation')}, "
+            f"{_plural(devices, 'device')}, {_plural(channels, 'channel')}, "
+            f"{_plural(readings, 'reading')}"
         )
         for device_id, (channel, value) in power.items():
             shown = "no value" if value is None else f"{value:g} W"
