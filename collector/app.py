@@ -81,6 +81,7 @@ def _services(config: CollectorConfig
         timeout = config.server.shard_timeout
         catalog = AsyncConnectionPool(dbs.catalog_dsn, min_size=1, max_size=5,
                                       open=False, name="catalog", timeout=timeout,
+                                      reconnect_timeout=timeout,
                                       check=AsyncConnectionPool.check_connection)
         shards = ShardPools(dbs.shards, timeout)
         await catalog.open(wait=False)

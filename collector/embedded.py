@@ -19,6 +19,10 @@ from collector.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
 
+# pgserver keeps one handle per data directory and process, so nested start() calls in
+# one process share it; the server is released when the last of them stops.
+_handles: dict[Path, int] = {}
+
 
 @dataclass(frozen=True, slots=True)
 class EmbeddedPostgres:
@@ -42,7 +46,11 @@ class EmbeddedPostgres:
         return self.dsn(dbname)
 
     def stop(self) -> None:
-        """Release this process's handle; the last process holding one stops the server."""
+        """Release this handle. The server stops when no start() in any process holds it."""
+        _handles[self.datadir] -= 1
+        if _handles[self.datadir] > 0:
+            return
+        del _handles[self.datadir]
         self.server.cleanup()
         logger.info("released embedded PostgreSQL at %s", self.datadir)
 
@@ -64,5 +72,6 @@ def start(datadir: Path | str) -> EmbeddedPostgres:
             f"cannot start embedded PostgreSQL in {path}: {err}; "
             f"check that the directory is writable and see {path / 'log'}"
         ) from err
+    _handles[path] = _handles.get(path, 0) + 1
     logger.info("embedded PostgreSQL running in %s", path)
     return EmbeddedPostgres(datadir=path, server=server)

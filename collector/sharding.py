@@ -24,14 +24,19 @@ POOL_MAX_SIZE = 10
 
 
 class ShardPools:
-    """Connection pools of every configured shard, by shard name."""
+    """Connection pools of every configured shard, by shard name.
+
+    A pool retries a failed connection with growing delays, and gives up after
+    `reconnect_timeout`; the next request then starts a fresh attempt at once. Setting
+    it to the request timeout bounds how long a recovered shard waits to be used again.
+    """
 
     def __init__(self, shards: Sequence[ShardConfig], timeout: float) -> None:
         self._timeout = timeout
         self._pools = {
             shard.name: AsyncConnectionPool(
                 shard.dsn, min_size=1, max_size=POOL_MAX_SIZE, open=False,
-                name=shard.name, timeout=timeout,
+                name=shard.name, timeout=timeout, reconnect_timeout=timeout,
                 check=AsyncConnectionPool.check_connection,
             )
             for shard in shards

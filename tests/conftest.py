@@ -201,6 +201,10 @@ class TcpProxy:
         except OSError:
             writer.transport.abort()
             return
+        if self._server is None:  # stopped while connecting upstream
+            writer.transport.abort()
+            up_writer.transport.abort()
+            return
         self._writers |= {writer, up_writer}
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer),
                              return_exceptions=True)
