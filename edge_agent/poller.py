@@ -1,9 +1,11 @@
-"""Poll SunSpec devices: one loop per endpoint, one UnitPoller per unit id.
+"""Poll devices: one loop per endpoint, one poller per unit id.
 
-A UnitPoller discovers its unit's map on the first poll, then reads every model with a
-known layout in as few requests as the endpoint allows, decodes them and reports a
-DeviceState with each Poll. It discovers again when a model's header no longer matches
-the map, so a firmware update that changes a model's length is followed.
+A UnitPoller discovers its unit's SunSpec map on the first poll and applies the quirks
+that match model 1's manufacturer and model. Then it reads every model with a known
+layout in as few requests as the endpoint allows, decodes them and reports a
+DeviceState with each Poll. It discovers again when a model's header no longer matches the map, so a
+firmware update that changes a model's length is followed. A ProfilePoller reads a
+device without SunSpec through a register map profile.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from edge_agent.decode import (
     NON_CHANNEL_TYPES,
@@ -21,6 +23,7 @@ from edge_agent.decode import (
     normalise_power_factor,
 )
 from edge_agent.endpoint import EndpointSettings
+from edge_agent.profiles import Limits, Quirk, RegisterMap, builtin_profiles
 from edge_agent.readings import Channel, DeviceInfo, DeviceState, Poll
 from edge_agent.sunspec import (
     COMMON_MODEL_ID,
@@ -43,6 +46,7 @@ from edge_agent.transport import (
     ModbusConnectionRefused,
     ModbusEndpoint,
     ModbusError,
+    ModbusExceptionResponse,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,13 +87,19 @@ class UnitPoller:
         address_label: str,
         name: str = "",
         wall_clock: Callable[[], float] = time.time,
+        quirks: Sequence[Quirk] | None = None,
+        extra: RegisterMap | None = None,
     ):
         self.endpoint = endpoint
         self.unit = unit
         self.address = f"{address_label}/{unit}"
         self.name = name
         self.wall_clock = wall_clock
+        self.quirks = builtin_profiles().quirks if quirks is None else tuple(quirks)
+        self.extra = extra  # vendor registers read beside the SunSpec models
+        self.matched: list[Quirk] = []  # quirks that match the discovered devices
         self.device_map: DeviceMap | None = None
+        self._skip: tuple[tuple[int, int], ...] = ()
         self._plan: list[Read] = []
         self._cuts: set[int] = set()
         self._devices: list[DeviceInfo] = [DeviceInfo(self.address, self.address, name)]
@@ -109,6 +119,7 @@ class UnitPoller:
         time_ms = int(self.wall_clock() * 1000)
         try:
             registers = await self._read()
+            extra = await self._read_extra()
         except (ModbusError, NoDevice, NotSunSpec, MalformedMap) as err:
             state = _failed_state(err)
             self._note_failure(state, err)
@@ -119,8 +130,20 @@ class UnitPoller:
             self._decode(device, registers, time_ms)
             for device in self.device_map.devices
         ]
+        if extra is not None:
+            # The vendor registers belong to the device at the unit's first common model.
+            values, channels = extra
+            polls[0] = replace(polls[0], values={**polls[0].values, **values},
+                               channels=polls[0].channels + tuple(channels))
         self._note_recovery()
         return polls
+
+    async def _read_extra(self) -> tuple[dict[str, float | None], list[Channel]] | None:
+        if self.extra is None:
+            return None
+        values, channels, _ = await read_register_map(
+            self.endpoint, self.unit, self.extra, self.address)
+        return values, channels
 
     async def _read(self) -> dict[int, int]:
         """Read every mapped model, discovering the map first where needed."""
@@ -143,10 +166,12 @@ class UnitPoller:
     async def _discover(self) -> None:
         self.device_map = None
         device_map = await discover(self.endpoint, self.unit)
+        self._apply_quirks(device_map)
         models = device_map.models
-        self._plan = plan_reads(
+        plan = plan_reads(
             models, self.endpoint.settings.max_registers, device_map.fragile
         )
+        self._plan = skip_reads(plan, self._skip)
         self._cuts = cut_addresses(models)
         self.device_map = device_map
         self._devices = [self._device_info(i, d) for i, d in
@@ -155,6 +180,28 @@ class UnitPoller:
             f"{info.manufacturer} {info.model} (models "
             f"{', '.join(str(m.model_id) for m in device.models)})"
             for info, device in zip(self._devices, device_map.devices)))
+
+    def _apply_quirks(self, device_map: DeviceMap) -> None:
+        """Tighten the endpoint's settings with the quirks that match the devices.
+
+        The settings are the endpoint's, shared by every unit behind it, because the
+        link carries one request at a time. A connect_delay takes effect on the next
+        connect, since model 1 can only be read once connected.
+        """
+        matched: list[Quirk] = []
+        for device in device_map.devices:
+            identity = device.identity
+            for quirk in self.quirks:
+                if quirk.matches(identity.manufacturer, identity.model) and \
+                        quirk not in matched:
+                    matched.append(quirk)
+                    logger.info("%s: %s %s matches quirk %s (%s)", self.address,
+                                identity.manufacturer, identity.model, quirk.name,
+                                quirk.describe())
+        self.matched = matched
+        for quirk in matched:
+            self.endpoint.settings = tighten(self.endpoint.settings, quirk.limits)
+        self._skip = tuple(r for quirk in matched for r in quirk.skip)
 
     async def _read_plan(self) -> dict[int, int]:
         registers, done = await read_registers(
@@ -169,11 +216,16 @@ class UnitPoller:
         for model in self.device_map.models:
             if layout_model(model.model_id, model.length) is None:
                 continue
+            if _skipped(model.address, model.address + 2, self._skip):
+                continue
             header = (registers.get(model.address), registers.get(model.address + 1))
             if header != (model.model_id, model.length):
                 return False
         for device in self.device_map.devices:
-            words = _model_words(device.models[0], registers)
+            common = device.models[0]
+            if _skipped(common.address, common.end, self._skip):
+                continue
+            words = _model_words(common, registers)
             if identity_from_common(words) != device.identity:
                 return False
         return True
@@ -235,6 +287,138 @@ class UnitPoller:
             logger.info("%s: responding again after being %s", self.address,
                         self._failure.value)
             self._failure = None
+
+
+class ProfilePoller:
+    """Polls a device without SunSpec through a register map profile."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        unit: int,
+        register_map: RegisterMap,
+        *,
+        address_label: str,
+        name: str = "",
+        wall_clock: Callable[[], float] = time.time,
+    ):
+        self.endpoint = endpoint
+        self.unit = unit
+        self.register_map = register_map
+        self.address = f"{address_label}/{unit}"
+        self.wall_clock = wall_clock
+        self.device = DeviceInfo(
+            device_id=self.address, address=self.address, name=name,
+            manufacturer=register_map.manufacturer, model=register_map.model,
+        )
+        self._failure: DeviceState | None = None
+        endpoint.settings = tighten(endpoint.settings, register_map.limits)
+
+    async def poll(self) -> Poll:
+        """Read every register of the profile once; return the Poll."""
+        time_ms = int(self.wall_clock() * 1000)
+        try:
+            values, channels, answered = await read_register_map(
+                self.endpoint, self.unit, self.register_map, self.address)
+        except ModbusError as err:
+            return self._failed(time_ms, _failed_state(err), str(err))
+        if not answered:
+            return self._failed(time_ms, DeviceState.OFFLINE, (
+                f"{self.address}: every read of profile {self.register_map.name} was "
+                "rejected; check the unit id and that the profile fits the device"))
+
+        if self._failure is not None:
+            logger.info("%s: responding again after being %s", self.address,
+                        self._failure.value)
+            self._failure = None
+        return Poll(self.device, time_ms, DeviceState.ONLINE, values, tuple(channels))
+
+    async def poll_devices(self) -> list[Poll]:
+        """Poll the unit: a profile device is one device."""
+        return [await self.poll()]
+
+    def _failed(self, time_ms: int, state: DeviceState, reason: str) -> Poll:
+        if self._failure is None:
+            logger.warning("%s: %s, reported as %s", self.address, reason, state.value)
+        else:
+            logger.debug("%s: still %s: %s", self.address, state.value, reason)
+        self._failure = state
+        return Poll(self.device, time_ms, state)
+
+
+Poller = UnitPoller | ProfilePoller
+
+
+async def read_register_map(
+    endpoint: Endpoint, unit: int, register_map: RegisterMap, address: str
+) -> tuple[dict[str, float | None], list[Channel], bool]:
+    """Read and decode every register of a register map.
+
+    Returns values by channel, the channels, and whether any read was answered. A read
+    that the device rejects with an exception response leaves its registers without a
+    value. Every other Modbus error propagates.
+    """
+    words: dict[tuple[int, int], int] = {}
+    answered = False
+    for read in register_map.plan(endpoint.settings.max_registers):
+        try:
+            got = await endpoint.read(unit, read.address, read.count,
+                                      function_code=read.function_code)
+        except ModbusExceptionResponse as err:
+            logger.debug("%s: profile %s: %s", address, register_map.name, err)
+            continue
+        answered = True
+        for offset, word in enumerate(got):
+            words[read.function_code, read.address + offset] = word
+
+    values: dict[str, float | None] = {}
+    for register in register_map.registers:
+        keys = [(register.function_code, register.address + i)
+                for i in range(register.size)]
+        register_words = [words.get(key) for key in keys]
+        values[register.channel] = (
+            None if None in register_words
+            else register.decode(register_words)  # type: ignore[arg-type]
+        )
+    channels = [Channel(r.channel, r.unit) for r in register_map.registers]
+    return values, channels, answered
+
+
+def tighten(settings: EndpointSettings, limits: Limits) -> EndpointSettings:
+    """Return settings that meet both the endpoint's settings and a device's limits."""
+    changes: dict[str, object] = {}
+    if limits.max_registers is not None:
+        changes["max_registers"] = min(settings.max_registers, limits.max_registers)
+    if limits.request_gap is not None:
+        changes["request_gap"] = max(settings.request_gap, limits.request_gap)
+    if limits.connect_delay is not None:
+        changes["connect_delay"] = max(settings.connect_delay, limits.connect_delay)
+    if limits.close_after_poll:
+        changes["close_after_poll"] = True
+    return replace(settings, **changes)  # type: ignore[arg-type]
+
+
+def skip_reads(reads: Sequence[Read], skip: Sequence[tuple[int, int]]) -> list[Read]:
+    """Cut the addresses of `skip` ranges (first, last) out of planned reads."""
+    skipped = {a for first, last in skip for a in range(first, last + 1)}
+    if not skipped:
+        return list(reads)
+    kept: list[Read] = []
+    for read in reads:
+        start = None
+        for address in range(read.address, read.address + read.count + 1):
+            inside = address < read.address + read.count and address not in skipped
+            if inside and start is None:
+                start = address
+            elif not inside and start is not None:
+                kept.append(Read(start, address - start))
+                start = None
+    return kept
+
+
+def _skipped(first: int, end: int, skip: Sequence[tuple[int, int]]) -> bool:
+    """Tell whether any address in [first, end) lies in a skip range."""
+    return any(low < end and first <= high for low, high in skip)
 
 
 def _failed_state(err: Exception) -> DeviceState:
@@ -331,15 +515,20 @@ async def run_endpoint(
     clock: Callable[[], float] = time.monotonic,
     endpoint_factory: Callable[[EndpointSettings], Endpoint] = ModbusEndpoint,
     name: str = "",
+    profiles: Mapping[int, RegisterMap] | None = None,
+    quirks: Sequence[Quirk] | None = None,
 ) -> None:
     """Poll every unit of one endpoint in turn every `poll_interval` seconds.
 
+    `profiles` maps unit ids to register map profiles; other units are SunSpec
+    devices, read with the matching `quirks` (default: the built-in ones).
     Each Poll goes to `await sink(poll)`. The loop never ends on an error: it logs it and
     goes on with the next unit. It returns soon after `stop` is set.
     """
     endpoint = endpoint_factory(settings)
     pollers = [
-        UnitPoller(endpoint, unit, address_label=settings.label, name=name)
+        make_poller(endpoint, unit, (profiles or {}).get(unit), quirks=quirks,
+                    name=name)
         for unit in unit_ids
     ]
     logger.info("polling %s units %s every %.1f s", settings.label,
@@ -355,7 +544,17 @@ async def run_endpoint(
         logger.info("stopped polling %s", settings.label)
 
 
-async def _poll_round(endpoint: Endpoint, pollers: Sequence[UnitPoller],
+def make_poller(endpoint: Endpoint, unit: int, profile: RegisterMap | None, *,
+                quirks: Sequence[Quirk] | None = None, name: str = "") -> Poller:
+    """Build the poller for one unit: SunSpec, SunSpec with extra registers, or profile."""
+    label = endpoint.settings.label
+    if profile is not None and not profile.sunspec:
+        return ProfilePoller(endpoint, unit, profile, address_label=label, name=name)
+    return UnitPoller(endpoint, unit, address_label=label, name=name, quirks=quirks,
+                      extra=profile)
+
+
+async def _poll_round(endpoint: Endpoint, pollers: Sequence[Poller],
                       sink: Sink, stop: asyncio.Event) -> None:
     for poller in pollers:
         if stop.is_set():

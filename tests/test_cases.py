@@ -15,17 +15,13 @@ from typing import Any
 
 import pytest
 
-from edge_agent.decode import decode_profile_register
 from edge_agent.endpoint import EndpointSettings
-from edge_agent.poller import UnitPoller
+from edge_agent.poller import ProfilePoller, UnitPoller
+from edge_agent.profiles import RegisterMap, builtin_profiles
 from edge_agent.readings import DeviceState, Poll
 from edge_agent.sunspec import DeviceMap, layout_model
 from edge_agent.transport import ModbusEndpoint
 from sim_fixtures import CASES, DEVICE_1547, serve_image  # noqa: F401
-
-PROFILE_SIZES = {"uint16": 1, "int16": 1, "uint32": 2, "int32": 2, "uint64": 4,
-                 "float32": 2}
-
 
 def read_case(case_id: str) -> dict[str, Any]:
     return json.loads((CASES / f"{case_id}.json").read_text())
@@ -140,23 +136,31 @@ def check_states(run: CaseRun) -> None:
         assert poll.state == DeviceState(expected["state"])
 
 
-async def check_profile(run: CaseRun) -> None:
-    profile = run.case["expect"]["profile"]
+def check_profile_file(run: CaseRun, register_map: RegisterMap) -> None:
+    """Check that the shipped profile reads the registers the case describes."""
+    registers = {register.name: register for register in register_map.registers}
+    for name, spec in run.case["expect"]["profile"].items():
+        register = registers[name]
+        assert register.function_code == spec["fc"], name
+        assert register.address == spec["address"], name
+        assert register.type == spec["type"], name
+        if register.size > 1:
+            assert register.word_order == spec["word_order"], name
+        nan = tuple(int(raw, 16) for raw in spec.get("nan", []))
+        assert register.no_value == nan, name
+
+
+def check_profile_values(run: CaseRun) -> None:
     for expected in run.case["expect"]["values"]:
-        name = expected["channel"].removeprefix("profile.")
-        register = profile[name]
-        words = await run.endpoint.read(
-            expected["unit"], register["address"], PROFILE_SIZES[register["type"]],
-            function_code=register["fc"],
-        )
-        no_value = [int(raw, 16) for raw in register.get("nan", [])]
-        got = decode_profile_register(words, register["type"],
-                                      word_order=register["word_order"],
-                                      no_value=no_value)
-        if register["type"] == "float32":
-            assert float32_equal(got, expected["value"]), name
+        channel = expected["channel"]
+        if not channel.startswith("profile."):
+            continue
+        poll = run.polls[expected["unit"], expected.get("step", 0)][0]
+        got = poll.values[channel]
+        if expected["value"] is not None and isinstance(got, float):
+            assert float32_equal(got, expected["value"]), f"{channel}: {got}"
         else:
-            assert got == expected["value"], name
+            assert got == expected["value"], channel
 
 
 async def check_case(serve_image, case_id: str) -> CaseRun:  # noqa: F811
@@ -228,21 +232,37 @@ async def test_case_c10_max_50_registers(serve_image):  # noqa: F811
 
 
 async def test_case_c18_vendor_word_order(serve_image):  # noqa: F811
+    register_map = builtin_profiles().register_map("solaredge-power-control")
     simulator, run = await start_case(serve_image, "C18")
+    run.pollers[1] = UnitPoller(run.endpoint, 1, address_label=simulator.address,
+                                extra=register_map)
     try:
         await run.poll(0)
         check_devices(run)
-        await check_profile(run)
+        check_profile_file(run, register_map)
+        check_profile_values(run)
+        poll = run.polls[1, 0][0]
+        assert poll.state == DeviceState.ONLINE
+        assert poll.values["103.W"] is not None
     finally:
         await close(run.endpoint)
 
 
 async def test_case_c19_meter_without_sunspec(serve_image):  # noqa: F811
+    register_map = builtin_profiles().register_map("eastron-sdm630")
     simulator, run = await start_case(serve_image, "C19")
     try:
         await run.poll(0)
         assert run.polls[1, 0][0].state == DeviceState.NOT_SUNSPEC
-        await check_profile(run)
+        run.pollers[1] = ProfilePoller(run.endpoint, 1, register_map,
+                                       address_label=simulator.address)
+        await run.poll(0)
+        check_profile_file(run, register_map)
+        check_profile_values(run)
+        poll = run.polls[1, 0][0]
+        assert poll.state == DeviceState.ONLINE
+        assert poll.device.manufacturer == "Eastron"
+        assert float32_equal(poll.values["profile.kWh_export"], 3021.77)
     finally:
         await close(run.endpoint)
 
