@@ -259,7 +259,7 @@ def _value(value: Any, where: str) -> float | None:
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise BatchRejected(f"{where}: value {value!r} is not finite: send null instead")
+        raise BatchRejected(f"{where}: value {_short(value)} is not finite: send null instead")
     return number
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from collector.errors import ConfigError
 
-DEFAULT_EMBEDDED_DIR = Path("~/.local/share/solarfleet/pg")
+DEFAULT_EMBEDDED_DIR = Path("~/.local/share/solarfleet/pg").expanduser()
 EMBEDDED_CATALOG = "solarfleet_catalog"
 EMBEDDED_SHARDS = (("shard-1", "solarfleet_shard_1"), ("shard-2", "solarfleet_shard_2"))
 
