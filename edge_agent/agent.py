@@ -15,11 +15,11 @@ from functools import partial
 
 import tenacity
 
-from edge_agent.buffer import Buffer
+from edge_agent.buffer import Buffer, BufferLimits, Overflow
 from edge_agent.config import AgentConfig, DeviceGroup
 from edge_agent.endpoint import EndpointSettings
 from edge_agent.errors import CollectorUnavailable
-from edge_agent.forwarder import Forwarder, Outcome
+from edge_agent.forwarder import Forwarder
 from edge_agent.readings import Poll
 from edge_agent.retry import Backoff
 
@@ -55,9 +55,7 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event, *,
         # Imported here so that the agent's tests, which pass a fake, need no Modbus stack.
         from edge_agent.poller import run_endpoint as poll_endpoint
 
-    buffer = await asyncio.to_thread(
-        Buffer, config.buffer.path, config.buffer.synchronous
-    )
+    buffer = await asyncio.to_thread(open_buffer, config)
     logger.info("agent %s started: %d device groups, %d units, buffer %s",
                 config.gateway_id, len(config.devices), config.unit_count,
                 config.buffer.path)
@@ -69,6 +67,18 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event, *,
     finally:
         await asyncio.to_thread(buffer.close)
     logger.info("agent %s stopped", config.gateway_id)
+
+
+def open_buffer(config: AgentConfig) -> Buffer:
+    """Open the config's buffer file, stamped with its gateway id, within its limits.
+
+    :raises BufferFileError: when the file cannot be opened.
+    """
+    limits = BufferLimits(max_bytes=config.buffer.max_bytes,
+                          min_free_bytes=config.buffer.min_free_bytes,
+                          overflow=Overflow(config.buffer.overflow))
+    return Buffer(config.buffer.path, config.buffer.synchronous,
+                  gateway_id=config.gateway_id, limits=limits)
 
 
 async def _serve(config: AgentConfig, stop: asyncio.Event, buffer: Buffer,
@@ -166,7 +176,7 @@ async def _send_remaining(forwarder: Forwarder, timeout: float) -> None:
     """Send batches until the buffer is empty, the collector fails or time runs out."""
     try:
         async with asyncio.timeout(max(timeout, 0.0)):
-            while await forwarder.send_once() is not Outcome.EMPTY:
+            while await forwarder.send_cycle():
                 pass
     except TimeoutError:
         logger.warning("last send did not finish within %.1f s; the rest stays in "

@@ -3,12 +3,27 @@
 A poll is committed in one transaction, so a power cut keeps all of it or none of it. The
 file runs in WAL mode with ``synchronous=FULL`` by default: a commit has reached the disk
 when `add_poll` returns. ``synchronous="normal"`` writes less often, which spares SD cards,
-but a power cut may then lose the last commits (the file itself stays consistent).
+but a power cut or an operating system crash may then lose the last commits. The file
+itself stays consistent in both modes, and a killed agent process loses nothing in
+either, because a commit in WAL mode is in the operating system's cache when it returns.
 
-Batches are cut from the oldest polls. A batch keeps its id until the collector confirmed
-it, so a batch sent again after a timeout or a restart carries the same id and the
-collector stores it once. At most one batch is open at a time. A batch the collector
-rejected moves to the quarantine table, keeps its readings and is not sent again.
+Each poll is stamped with the gateway id of the agent that wrote it. Polls and batches
+stamped with another id (the file was moved to another gateway, or `gateway.id` changed)
+are set aside in the quarantine table the first time a batch is requested, and are never
+sent under this gateway's id.
+
+Batches are cut from whole polls at one of two ends (`Lane`): the backlog lane takes the
+oldest polls, the live lane the polls written since its last batch. A poll belongs to at
+most one batch, so no reading is sent under two batch ids. A batch keeps its id until
+the collector confirmed it, so a batch sent again after a timeout or a restart carries
+the same id and the collector stores it once. At most one batch per lane is open at a
+time. A batch the collector rejected moves to the quarantine table, keeps its readings
+and is not sent again.
+
+The buffer is bounded by `BufferLimits`: a cap on the bytes its pages hold and a floor of
+free space on its file system. When a poll does not fit, the overflow policy drops the
+oldest unsent polls (never those of an open batch) or the new poll. Every dropped poll is
+counted in the file and recorded in a `Gap` per device, which travels with the next batch.
 
 The methods block on SQLite; call them from a worker thread (`asyncio.to_thread`) in the
 event loop. One lock serialises them, and `close` waits for a commit in progress.
@@ -16,7 +31,9 @@ event loop. One lock serialises them, and `close` waits for a commit in progress
 
 from __future__ import annotations
 
+import enum
 import logging
+import shutil
 import sqlite3
 import threading
 import time
@@ -34,6 +51,10 @@ logger = logging.getLogger(__name__)
 # Rows of a batch, in the order of the wire format's arrays.
 ReadingRow = tuple[str, str, int, float | None]  # device id, channel, time in ms, value
 StateRow = tuple[str, int, str]  # device id, time in ms, state
+
+# Reported gaps kept after the collector confirmed them, for `solarfleet-agent buffer`.
+# The totals in the counters table cover every drop, including pruned gaps.
+KEPT_REPORTED_GAPS = 100
 
 # Each entry upgrades the schema by one version; the file records its version in
 # `PRAGMA user_version`.
@@ -80,8 +101,83 @@ _MIGRATIONS = (
         PRIMARY KEY (poll_id, channel_id)
     ) WITHOUT ROWID;
     """,
+    # Version 2: gateway stamps, lanes, dropped polls. Polls and batches of version 1
+    # carry no stamp (NULL), so an agent with a gateway id sets them aside.
+    """
+    ALTER TABLE polls ADD COLUMN gateway_id TEXT;
+    ALTER TABLE batches ADD COLUMN gateway_id TEXT;
+    ALTER TABLE batches ADD COLUMN lane TEXT NOT NULL DEFAULT 'backlog';
+    CREATE TABLE gaps (
+        id INTEGER PRIMARY KEY,
+        gateway_id TEXT,
+        device_id TEXT NOT NULL,
+        first_ms INTEGER NOT NULL,
+        last_ms INTEGER NOT NULL,
+        readings INTEGER NOT NULL,
+        polls INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        batch_id TEXT REFERENCES batches (batch_id),
+        reported_ms INTEGER
+    );
+    CREATE INDEX gaps_by_batch ON gaps (batch_id);
+    CREATE TABLE counters (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+class Lane(enum.StrEnum):
+    """The end of the buffer that a batch is cut from."""
+
+    BACKLOG = "backlog"  # the oldest polls
+    LIVE = "live"  # the newest polls, written since the live lane's last batch
+
+
+class Overflow(enum.StrEnum):
+    """What the buffer drops when a new poll does not fit."""
+
+    DROP_OLDEST = "drop-oldest"
+    DROP_NEWEST = "drop-newest"
+
+
+class GapReason(enum.StrEnum):
+    """Why polls were dropped."""
+
+    BUFFER_FULL = "buffer-full"  # the pages in use would exceed `max_bytes`
+    DISK_FULL = "disk-full"  # the file system would have less than `min_free_bytes`
+
+
+@dataclass(frozen=True, slots=True)
+class BufferLimits:
+    """Bounds of the buffer, and what to drop when a poll would cross them."""
+
+    max_bytes: int | None = None  # bytes in the file's pages in use; None: no cap
+    min_free_bytes: int = 0  # free bytes left on the file system; 0: no floor
+    overflow: Overflow = Overflow.DROP_OLDEST
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Polls of one device that the buffer dropped, with their time range."""
+
+    device_id: str
+    first_ms: int  # time of the oldest dropped poll
+    last_ms: int  # time of the newest dropped poll
+    readings: int
+    polls: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GapEntry:
+    """A gap as the buffer keeps it: waiting to be sent, in a batch, or reported."""
+
+    gap: Gap
+    batch_id: str | None
+    reported_ms: int | None  # when the collector confirmed the batch that carried it
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,15 +185,16 @@ class Batch:
     """Polls cut from the buffer to be sent together under one batch id."""
 
     batch_id: str
-    devices: tuple[DeviceInfo, ...]  # every device that a reading or state names
+    devices: tuple[DeviceInfo, ...]  # every device that a reading, state or gap names
     channels: tuple[tuple[str, Channel], ...]  # (device id, channel) for every reading
     readings: tuple[ReadingRow, ...]
     states: tuple[StateRow, ...]
+    gaps: tuple[Gap, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class QuarantinedBatch:
-    """A batch the collector rejected; its readings stay in the buffer, unsent."""
+    """A batch set aside: its readings stay in the buffer, unsent."""
 
     batch_id: str
     quarantined_ms: int
@@ -110,12 +207,14 @@ class QuarantinedBatch:
 class BufferStats:
     """Depth and size of the buffer. Quarantined polls are counted apart."""
 
-    polls: int  # waiting to be sent, including the open batch
+    polls: int  # waiting to be sent, including the open batches
     readings: int
     bytes: int  # database and WAL file
     oldest_ms: int | None  # poll time of the oldest waiting poll
     quarantined_batches: int
     quarantined_readings: int
+    dropped_polls: int = 0  # since the file was created
+    dropped_readings: int = 0
 
     def oldest_age(self, now_ms: int) -> float | None:
         """Return the age of the oldest waiting poll in seconds, or None when empty."""
@@ -125,14 +224,27 @@ class BufferStats:
 
 
 class Buffer:
-    """An open buffer file. Use it as a context manager, or call `close`."""
+    """An open buffer file. Use it as a context manager, or call `close`.
 
-    def __init__(self, path: str | Path, synchronous: str = "full") -> None:
+    `gateway_id` stamps every poll written and selects the polls that batches are cut
+    from. None, for tools and tests that need no identity, stamps and selects
+    unstamped polls.
+    """
+
+    def __init__(self, path: str | Path, synchronous: str = "full", *,
+                 gateway_id: str | None = None,
+                 limits: BufferLimits = BufferLimits()) -> None:
         self.path = Path(path)
+        self.gateway_id = gateway_id
+        self.limits = limits
         self._lock = threading.Lock()
         # (device id, channel name) -> (channel row id, unit), for committed rows only
         self._channels: dict[tuple[str, str], tuple[int, str | None]] = {}
+        self._foreign_checked = False
+        self._live_after_id = 0  # the live lane cuts polls with a larger row id
+        self._overflow: str | None = None  # reason of the overflow in progress, if any
         self._db = _connect(self.path, synchronous)
+        self._page_size = self._pragma("page_size")
 
     def __enter__(self) -> Buffer:
         return self
@@ -148,20 +260,33 @@ class Buffer:
 
     # --- writing polls ----------------------------------------------------------------
 
-    def add_poll(self, poll: Poll) -> None:
-        """Commit one poll: its state, its readings and its device's identity."""
-        with self._lock, self._transaction():
-            self._store_device(poll.device)
-            channel_ids = self._channel_ids(poll)
-            cursor = self._db.execute(
-                "INSERT INTO polls (device_id, time_ms, state, readings) VALUES (?,?,?,?)",
-                (poll.device.device_id, poll.time_ms, str(poll.state), len(poll.values)),
-            )
-            self._db.executemany(
-                "INSERT INTO readings (poll_id, channel_id, value) VALUES (?,?,?)",
-                [(cursor.lastrowid, channel_ids[name], value)
-                 for name, value in poll.values.items()],
-            )
+    def add_poll(self, poll: Poll) -> bool:
+        """Commit one poll: its state, its readings and its device's identity.
+
+        Return False when the poll itself was dropped because it did not fit within
+        the limits. Every dropped poll is counted and recorded as a gap; with
+        `drop-oldest`, older unsent polls are dropped first to make room.
+        """
+        with self._lock:
+            with self._transaction():
+                self._store_device(poll.device)
+                channel_ids = self._channel_ids(poll)
+                stored, shortage = self._insert_within_limits(poll, channel_ids)
+            self._note_overflow(shortage)
+        return stored
+
+    def _insert_poll(self, poll: Poll, channel_ids: dict[str, int]) -> None:
+        cursor = self._db.execute(
+            "INSERT INTO polls (device_id, time_ms, state, readings, gateway_id) "
+            "VALUES (?,?,?,?,?)",
+            (poll.device.device_id, poll.time_ms, str(poll.state), len(poll.values),
+             self.gateway_id),
+        )
+        self._db.executemany(
+            "INSERT INTO readings (poll_id, channel_id, value) VALUES (?,?,?)",
+            [(cursor.lastrowid, channel_ids[name], value)
+             for name, value in poll.values.items()],
+        )
 
     def _store_device(self, device: DeviceInfo) -> None:
         # The update is skipped when nothing changed, so an unchanged device is not
@@ -209,54 +334,205 @@ class Buffer:
                                   for name, id_, unit in rows)
         return {name: self._channels[(device_id, name)][0] for name in poll.values}
 
+    # --- limits and drops -------------------------------------------------------------
+
+    def _insert_within_limits(self, poll: Poll, channel_ids: dict[str, int]
+                              ) -> tuple[bool, str | None]:
+        """Insert the poll, dropping polls until it fits.
+
+        Return whether the new poll was stored, and the `GapReason` of any drop.
+        """
+        shortage = None
+        while True:
+            pages_before = self._pragma("page_count")
+            self._db.execute("SAVEPOINT new_poll")
+            self._insert_poll(poll, channel_ids)
+            reason = self._shortage(pages_before)
+            if reason is None:
+                self._db.execute("RELEASE new_poll")
+                return True, shortage
+
+            # Undo the insert, so that the pages freed by dropping older polls are
+            # reused when it is tried again.
+            self._db.execute("ROLLBACK TO new_poll")
+            self._db.execute("RELEASE new_poll")
+            shortage = reason
+            if (self.limits.overflow is Overflow.DROP_NEWEST
+                    or not self._drop_oldest(max(len(poll.values), 1), reason)):
+                self._record_drop(self.gateway_id, poll.device.device_id, poll.time_ms,
+                                  poll.time_ms, len(poll.values), 1, reason)
+                return False, shortage
+
+    def _shortage(self, pages_before: int) -> str | None:
+        """Return why the transaction's pages do not fit the limits, or None."""
+        page_count = self._pragma("page_count")
+        used = (page_count - self._pragma("freelist_count")) * self._page_size
+        if self.limits.max_bytes is not None and used > self.limits.max_bytes:
+            return GapReason.BUFFER_FULL
+        grown = (page_count - pages_before) * self._page_size
+        if self.limits.min_free_bytes and grown > 0:
+            # NOTE: the WAL file also grows by each commit until the next checkpoint,
+            # by up to about 4 MB with SQLite's default autocheckpoint of 1000 pages.
+            free = shutil.disk_usage(self.path.parent).free
+            if free - grown < self.limits.min_free_bytes:
+                return GapReason.DISK_FULL
+        return None
+
+    def _drop_oldest(self, readings: int, reason: str) -> bool:
+        """Delete the oldest unsent polls that hold `readings` readings; False if none.
+
+        Polls of an open batch may be on their way to the collector, so they stay.
+        """
+        rows = self._db.execute(
+            "SELECT id, gateway_id, device_id, time_ms, readings FROM polls "
+            "WHERE batch_id IS NULL ORDER BY id LIMIT ?",
+            (readings,),
+        ).fetchall()
+        chosen, total = [], 0
+        for row in rows:
+            chosen.append(row)
+            total += max(row[4], 1)
+            if total >= readings:
+                break
+        if not chosen:
+            return False
+
+        ids = [(row[0],) for row in chosen]
+        self._db.executemany("DELETE FROM readings WHERE poll_id = ?", ids)
+        self._db.executemany("DELETE FROM polls WHERE id = ?", ids)
+        for _, gateway_id, device_id, time_ms, count in chosen:
+            self._record_drop(gateway_id, device_id, time_ms, time_ms, count, 1, reason)
+        return True
+
+    def _record_drop(self, gateway_id: str | None, device_id: str, first_ms: int,
+                     last_ms: int, readings: int, polls: int, reason: str) -> None:
+        """Add dropped polls to the device's unsent gap, and to the file's totals."""
+        updated = self._db.execute(
+            """
+            UPDATE gaps SET first_ms = min(first_ms, :first), last_ms = max(last_ms, :last),
+                readings = readings + :readings, polls = polls + :polls
+            WHERE batch_id IS NULL AND reported_ms IS NULL AND gateway_id IS :gateway
+              AND device_id = :device AND reason = :reason
+            """,
+            {"first": first_ms, "last": last_ms, "readings": readings, "polls": polls,
+             "gateway": gateway_id, "device": device_id, "reason": str(reason)},
+        ).rowcount
+        if not updated:
+            self._db.execute(
+                "INSERT INTO gaps (gateway_id, device_id, first_ms, last_ms, readings, "
+                "polls, reason) VALUES (?,?,?,?,?,?,?)",
+                (gateway_id, device_id, first_ms, last_ms, readings, polls, str(reason)),
+            )
+        self._db.executemany(
+            "INSERT INTO counters VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            [("dropped_readings", readings), ("dropped_polls", polls)],
+        )
+
+    def _note_overflow(self, shortage: str | None) -> None:
+        # Logged once when dropping starts and once when a poll fits again.
+        if shortage is not None and self._overflow is None:
+            logger.warning("buffer %s is full (%s, limits %s); dropping polls by %s "
+                           "and reporting them as gaps", self.path, shortage,
+                           self._limits_text(), self.limits.overflow)
+        elif shortage is None and self._overflow is not None:
+            logger.info("buffer %s has room again; stopped dropping polls", self.path)
+        self._overflow = shortage
+
+    def _limits_text(self) -> str:
+        cap = self.limits.max_bytes
+        return (f"max_bytes {'none' if cap is None else cap}, "
+                f"min_free_bytes {self.limits.min_free_bytes}")
+
     # --- batches ----------------------------------------------------------------------
 
-    def next_batch(self, max_readings: int) -> Batch | None:
-        """Return the open batch, or cut a new one from the oldest polls; None if empty.
+    def next_batch(self, max_readings: int, lane: Lane = Lane.BACKLOG) -> Batch | None:
+        """Return the lane's open batch, or cut a new one; None if there is nothing.
 
-        A new batch takes whole polls, oldest first, up to `max_readings` readings. A
-        poll without readings counts as one. A poll larger than the limit goes alone.
+        A new batch takes whole polls up to `max_readings` readings: the backlog lane
+        the oldest polls, the live lane the newest polls written since its last batch.
+        A poll without readings counts as one, and a poll larger than the limit goes
+        alone. A new batch also carries every gap not yet sent, and a batch of gaps
+        alone is cut when no poll waits.
         """
+        if not self._foreign_checked:
+            with self._lock, self._transaction():
+                self._set_aside_foreign()
+            self._foreign_checked = True
+
         with self._lock, self._transaction():
-            batch_id = self._open_batch_id() or self._cut_batch(max_readings)
+            batch_id = self._open_batch_id(lane) or self._cut_batch(max_readings, lane)
             if batch_id is None:
                 return None
             return self._read_batch(batch_id)
 
-    def _open_batch_id(self) -> str | None:
+    def _open_batch_id(self, lane: Lane) -> str | None:
         row = self._db.execute(
             """
             SELECT batch_id FROM batches
-            WHERE batch_id NOT IN (SELECT batch_id FROM quarantine)
+            WHERE lane = ? AND batch_id NOT IN (SELECT batch_id FROM quarantine)
             ORDER BY created_ms, rowid LIMIT 1
-            """
+            """,
+            (str(lane),),
         ).fetchone()
         return row[0] if row else None
 
-    def _cut_batch(self, max_readings: int) -> str | None:
-        rows = self._db.execute(
-            "SELECT id, max(readings, 1) FROM polls WHERE batch_id IS NULL "
-            "ORDER BY id LIMIT ?",
-            (max(max_readings, 1),),
-        ).fetchall()
-        if not rows:
+    def _cut_batch(self, max_readings: int, lane: Lane) -> str | None:
+        first_id, last_id = self._pick_polls(max(max_readings, 1), lane)
+        gaps = self._db.execute(
+            "SELECT count(*) FROM gaps WHERE batch_id IS NULL AND reported_ms IS NULL "
+            "AND gateway_id IS ?",
+            (self.gateway_id,),
+        ).fetchone()[0]
+        if first_id is None and not gaps:
             return None
 
-        last_id, total = rows[0][0], 0
-        for poll_id, weight in rows:
-            total += weight
-            if total > max_readings and poll_id != rows[0][0]:
-                break
-            last_id = poll_id
-
         batch_id = str(uuid.uuid4())
-        self._db.execute("INSERT INTO batches VALUES (?,?)", (batch_id, _now_ms()))
         self._db.execute(
-            "UPDATE polls SET batch_id = ? WHERE batch_id IS NULL AND id <= ?",
-            (batch_id, last_id),
+            "INSERT INTO batches (batch_id, created_ms, gateway_id, lane) VALUES (?,?,?,?)",
+            (batch_id, _now_ms(), self.gateway_id, str(lane)),
         )
-        logger.debug("cut batch %s from polls up to %d", batch_id, last_id)
+        if first_id is not None:
+            self._db.execute(
+                "UPDATE polls SET batch_id = ? WHERE batch_id IS NULL "
+                "AND id BETWEEN ? AND ? AND gateway_id IS ?",
+                (batch_id, first_id, last_id, self.gateway_id),
+            )
+        self._db.execute(
+            "UPDATE gaps SET batch_id = ? WHERE batch_id IS NULL AND reported_ms IS NULL "
+            "AND gateway_id IS ?",
+            (batch_id, self.gateway_id),
+        )
+        logger.debug("cut %s batch %s from polls %s-%s with %d gaps", lane, batch_id,
+                     first_id, last_id, gaps)
         return batch_id
+
+    def _pick_polls(self, max_readings: int, lane: Lane
+                    ) -> tuple[int | None, int | None]:
+        """Return the first and last row id of the polls for a new batch of `lane`."""
+        if lane is Lane.LIVE:
+            query = ("SELECT id, max(readings, 1) FROM polls WHERE batch_id IS NULL "
+                     "AND gateway_id IS ? AND id > ? ORDER BY id DESC LIMIT ?")
+            params: tuple[object, ...] = (self.gateway_id, self._live_after_id,
+                                          max_readings)
+        else:
+            query = ("SELECT id, max(readings, 1) FROM polls WHERE batch_id IS NULL "
+                     "AND gateway_id IS ? ORDER BY id LIMIT ?")
+            params = (self.gateway_id, max_readings)
+        rows = self._db.execute(query, params).fetchall()
+        if not rows:
+            return None, None
+
+        taken, total = [rows[0][0]], rows[0][1]
+        for poll_id, weight in rows[1:]:
+            total += weight
+            if total > max_readings:
+                break
+            taken.append(poll_id)
+        if lane is Lane.LIVE:
+            # Polls older than this batch that the live lane left are the backlog's.
+            self._live_after_id = max(taken)
+        return min(taken), max(taken)
 
     def _read_batch(self, batch_id: str) -> Batch:
         readings = self._db.execute(
@@ -276,10 +552,12 @@ class Buffer:
         devices = self._db.execute(
             """
             SELECT device_id, address, name, manufacturer, model, serial, version
-            FROM devices WHERE device_id IN (SELECT device_id FROM polls WHERE batch_id = ?)
+            FROM devices WHERE device_id IN (
+                SELECT device_id FROM polls WHERE batch_id = :batch
+                UNION SELECT device_id FROM gaps WHERE batch_id = :batch)
             ORDER BY device_id
             """,
-            (batch_id,),
+            {"batch": batch_id},
         ).fetchall()
         channels = self._db.execute(
             """
@@ -291,6 +569,11 @@ class Buffer:
             """,
             (batch_id,),
         ).fetchall()
+        gaps = self._db.execute(
+            "SELECT device_id, first_ms, last_ms, readings, polls, reason FROM gaps "
+            "WHERE batch_id = ? ORDER BY device_id, first_ms",
+            (batch_id,),
+        ).fetchall()
         return Batch(
             batch_id=batch_id,
             devices=tuple(DeviceInfo(*row) for row in devices),
@@ -298,12 +581,14 @@ class Buffer:
                            for device_id, name, unit in channels),
             readings=tuple(readings),
             states=tuple(states),
+            gaps=tuple(Gap(*row) for row in gaps),
         )
 
     def confirm(self, batch_id: str) -> int:
         """Delete the batch and its polls after the collector stored it.
 
-        Return the number of readings deleted; 0 for an unknown or already confirmed id.
+        Its gaps are marked reported. Return the number of readings deleted; 0 for an
+        unknown or already confirmed id.
         """
         with self._lock, self._transaction():
             deleted = self._db.execute(
@@ -314,20 +599,69 @@ class Buffer:
             self._db.execute("DELETE FROM polls WHERE batch_id = ?", (batch_id,))
             self._db.execute("DELETE FROM quarantine WHERE batch_id = ?", (batch_id,))
             self._db.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
+            self._db.execute("UPDATE gaps SET reported_ms = ? WHERE batch_id = ?",
+                             (_now_ms(), batch_id))
+            self._db.execute(
+                "DELETE FROM gaps WHERE reported_ms IS NOT NULL AND id NOT IN ("
+                "SELECT id FROM gaps WHERE reported_ms IS NOT NULL "
+                "ORDER BY id DESC LIMIT ?)",
+                (KEPT_REPORTED_GAPS,),
+            )
         return deleted
 
     def quarantine(self, batch_id: str, reason: str) -> None:
         """Set the batch aside with a one-line reason; it is not handed out again."""
         with self._lock, self._transaction():
+            self._quarantine(batch_id, reason)
+
+    def _quarantine(self, batch_id: str, reason: str) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO quarantine VALUES (?,?,?)",
+            (batch_id, _now_ms(), " ".join(reason.split())),
+        )
+
+    def _set_aside_foreign(self) -> None:
+        """Quarantine polls, gaps and open batches stamped by another gateway id."""
+        for (batch_id, stamp) in self._db.execute(
+            "SELECT batch_id, gateway_id FROM batches WHERE gateway_id IS NOT ? "
+            "AND batch_id NOT IN (SELECT batch_id FROM quarantine)",
+            (self.gateway_id,),
+        ).fetchall():
+            self._quarantine(batch_id, self._foreign_reason(stamp))
+
+        stamps = self._db.execute(
+            "SELECT gateway_id FROM polls WHERE batch_id IS NULL AND gateway_id IS NOT ? "
+            "UNION SELECT gateway_id FROM gaps WHERE batch_id IS NULL "
+            "AND reported_ms IS NULL AND gateway_id IS NOT ?",
+            (self.gateway_id, self.gateway_id),
+        ).fetchall()
+        for (stamp,) in stamps:
+            batch_id = str(uuid.uuid4())
             self._db.execute(
-                "INSERT OR REPLACE INTO quarantine VALUES (?,?,?)",
-                (batch_id, _now_ms(), " ".join(reason.split())),
+                "INSERT INTO batches (batch_id, created_ms, gateway_id, lane) "
+                "VALUES (?,?,?,?)",
+                (batch_id, _now_ms(), stamp, str(Lane.BACKLOG)),
             )
+            for table in ("polls", "gaps"):
+                self._db.execute(
+                    f"UPDATE {table} SET batch_id = ? "
+                    "WHERE batch_id IS NULL AND gateway_id IS ?",
+                    (batch_id, stamp),
+                )
+            reason = self._foreign_reason(stamp)
+            self._quarantine(batch_id, reason)
+            logger.error("buffer %s: %s; moved them to quarantine batch %s",
+                         self.path, reason, batch_id)
+
+    def _foreign_reason(self, stamp: str | None) -> str:
+        writer = "without a gateway id" if stamp is None else f"by gateway {stamp!r}"
+        return (f"written {writer}, but this agent is gateway {self.gateway_id!r}; "
+                "readings are never sent under another gateway's id")
 
     # --- reporting --------------------------------------------------------------------
 
     def stats(self) -> BufferStats:
-        """Count what waits to be sent and what is quarantined."""
+        """Count what waits to be sent, what is quarantined and what was dropped."""
         with self._lock:
             polls, readings, oldest_ms = self._db.execute(
                 """
@@ -342,8 +676,11 @@ class Buffer:
                 FROM quarantine LEFT JOIN polls USING (batch_id)
                 """
             ).fetchone()
+            counters = dict(self._db.execute("SELECT name, value FROM counters"))
             size = self._file_bytes()
-        return BufferStats(polls, readings, size, oldest_ms, batches, quarantined)
+        return BufferStats(polls, readings, size, oldest_ms, batches, quarantined,
+                           dropped_polls=counters.get("dropped_polls", 0),
+                           dropped_readings=counters.get("dropped_readings", 0))
 
     def quarantined(self) -> list[QuarantinedBatch]:
         """List the quarantined batches, oldest first."""
@@ -358,12 +695,26 @@ class Buffer:
             ).fetchall()
         return [QuarantinedBatch(*row) for row in rows]
 
+    def gaps(self) -> list[GapEntry]:
+        """List the gaps waiting or in a batch, and the last reported ones, oldest first.
+
+        Reported gaps beyond the newest `KEPT_REPORTED_GAPS` are pruned; the totals in
+        `stats` still count them.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_id, first_ms, last_ms, readings, polls, reason, batch_id, "
+                "reported_ms FROM gaps ORDER BY id"
+            ).fetchall()
+        return [GapEntry(Gap(*row[:6]), row[6], row[7]) for row in rows]
+
     def _file_bytes(self) -> int:
-        page_count = self._db.execute("PRAGMA page_count").fetchone()[0]
-        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
         wal = Path(f"{self.path}-wal")
         wal_bytes = wal.stat().st_size if wal.exists() else 0
-        return page_count * page_size + wal_bytes
+        return self._pragma("page_count") * self._page_size + wal_bytes
+
+    def _pragma(self, name: str) -> int:
+        return self._db.execute(f"PRAGMA {name}").fetchone()[0]
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

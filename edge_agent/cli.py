@@ -99,7 +99,8 @@ def buffer_command(config_path: Path) -> None:
     if not path.exists():
         raise AgentError(f"no buffer file at {path} yet; it is created by "
                          "`solarfleet-agent run`")
-    with Buffer(path, config.buffer.synchronous) as buffer:
+    with Buffer(path, config.buffer.synchronous,
+                gateway_id=config.gateway_id) as buffer:
         stats = buffer.stats()
         quarantined = buffer.quarantined()
 

@@ -17,8 +17,18 @@ from typing import Any
 
 from edge_agent.endpoint import EndpointSettings
 from edge_agent.errors import ConfigError
+from edge_agent.profiles import (
+    ProfileError,
+    Profiles,
+    Quirk,
+    RegisterMap,
+    builtin_profiles,
+    load_profiles,
+)
 
 SYNCHRONOUS_MODES = ("full", "normal")
+OVERFLOW_POLICIES = ("drop-oldest", "drop-newest")
+MIN_BUFFER_BYTES = 1_048_576  # below this, the empty schema fills most of the cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +48,12 @@ class BufferConfig:
 
     path: Path
     synchronous: str = "full"  # SQLite's synchronous pragma: "full" or "normal"
+    # Cap on the bytes in the file's pages in use. At about 20 bytes per reading,
+    # 1 GiB holds about 12 days of 50 readings a second (5 devices of 100 channels
+    # polled every 10 s).
+    max_bytes: int = 1_073_741_824
+    min_free_bytes: int = 104_857_600  # free bytes the buffer leaves on its disk
+    overflow: str = "drop-oldest"  # or "drop-newest": what is dropped when full
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +64,20 @@ class DeviceGroup:
     settings: EndpointSettings
     unit_ids: tuple[int, ...]
     poll_interval: float = 10.0  # seconds between polls of each unit
+    # Register map profiles by unit id; the other units are read as SunSpec devices.
+    profiles: dict[int, RegisterMap] = field(default_factory=dict)
+    # Quirks for SunSpec devices; None for the built-in ones only.
+    quirks: tuple[Quirk, ...] | None = None
+
+    @property
+    def poll_options(self) -> dict[str, Any]:
+        """Return the profile keyword arguments of `poller.run_endpoint` that are set."""
+        options: dict[str, Any] = {}
+        if self.profiles:
+            options["profiles"] = self.profiles
+        if self.quirks is not None:
+            options["quirks"] = self.quirks
+        return options
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +88,7 @@ class AgentConfig:
     collector: CollectorConfig
     buffer: BufferConfig
     devices: tuple[DeviceGroup, ...]
+    profiles_dir: Path | None = None  # device profiles beside the built-in ones
 
     @property
     def unit_count(self) -> int:
@@ -168,6 +199,9 @@ _BUFFER_KEYS = (
     _text_key("path", required='set it to a file path, e.g. '
               '"/var/lib/solarfleet-agent/buffer.sqlite"'),
     _choice_key("synchronous", SYNCHRONOUS_MODES),
+    _int_key("max_bytes", MIN_BUFFER_BYTES),
+    _int_key("min_free_bytes", 0),
+    _choice_key("overflow", OVERFLOW_POLICIES),
 )
 _NETWORK_KEYS = (
     _text_key("host", required="set it to the device's IP address or host name"),
@@ -196,8 +230,12 @@ _DEVICE_KEYS = (
     _int_key("max_registers", 1, 125),
     _choice_key("function_code", (3, 4)),
     _Key("close_after_poll", "true or false", lambda v: isinstance(v, bool)),
+    # Profile names are checked against the loaded profiles by _resolve_profiles.
+    _text_key("profile"),
+    _Key("unit_profiles", 'a table of unit id = profile name, e.g. {240 = '
+         '"eastron-sdm630"}', lambda v: isinstance(v, dict)),
 )
-_TOP_LEVEL = ("gateway", "collector", "buffer", "devices")
+_TOP_LEVEL = ("gateway", "collector", "buffer", "devices", "profiles_dir")
 _TRANSPORT_KEYS = {
     "tcp": frozenset(key.name for key in _NETWORK_KEYS),
     "rtu-over-tcp": frozenset(key.name for key in _NETWORK_KEYS),
@@ -234,7 +272,8 @@ def _parse(path: Path, lines: list[str]) -> AgentConfig | None:
     gateway = _read_table(document, "gateway", _GATEWAY_KEYS, problems)
     collector = _read_table(document, "collector", _COLLECTOR_KEYS, problems)
     buffer = _read_table(document, "buffer", _BUFFER_KEYS, problems)
-    devices = _read_devices(document, problems)
+    profiles_dir, profiles = _read_profiles(document, path, problems)
+    devices = _read_devices(document, problems, profiles)
     if len(problems):
         return None
 
@@ -246,6 +285,7 @@ def _parse(path: Path, lines: list[str]) -> AgentConfig | None:
         # directory, which is "/" under systemd.
         buffer=BufferConfig(path=path.absolute().parent / buffer_path, **buffer),
         devices=devices,
+        profiles_dir=profiles_dir,
     )
 
 
@@ -308,8 +348,28 @@ def _check_unknown(table: dict[str, Any], prefix: str, known: Any,
 # --- device groups ------------------------------------------------------------------
 
 
-def _read_devices(document: dict[str, Any],
-                  problems: _Problems) -> tuple[DeviceGroup, ...]:
+def _read_profiles(document: dict[str, Any], path: Path,
+                   problems: _Problems) -> tuple[Path | None, Profiles | None]:
+    """Load the built-in profiles and those in `profiles_dir`; None where one is bad."""
+    value = document.get("profiles_dir")
+    directory = None
+    if value is not None:
+        if not _is_text(value):
+            problems.add(f"profiles_dir must be a folder path, got {_show(value)}")
+            return None, None
+        # Relative to the config file's folder, like buffer.path.
+        directory = path.absolute().parent / Path(value).expanduser()
+    try:
+        profiles = builtin_profiles() if directory is None else load_profiles(directory)
+    except ProfileError as err:
+        # Profile problems name their own file and line.
+        problems.lines.extend(str(err).splitlines())
+        return directory, None
+    return directory, profiles
+
+
+def _read_devices(document: dict[str, Any], problems: _Problems,
+                  profiles: Profiles | None) -> tuple[DeviceGroup, ...]:
     tables = document.get("devices")
     if tables is None:
         problems.add("no [[devices]] table; add one per Modbus endpoint")
@@ -320,15 +380,15 @@ def _read_devices(document: dict[str, Any],
 
     groups = []
     for number, table in enumerate(tables, start=1):
-        group = _read_device(table, f"devices[{number}]", problems)
+        group = _read_device(table, f"devices[{number}]", problems, profiles)
         if group is not None:
             groups.append(group)
     _check_distinct(groups, problems)
     return tuple(groups)
 
 
-def _read_device(table: dict[str, Any], prefix: str,
-                 problems: _Problems) -> DeviceGroup | None:
+def _read_device(table: dict[str, Any], prefix: str, problems: _Problems,
+                 profiles: Profiles | None) -> DeviceGroup | None:
     before = len(problems)
     _check_unknown(table, f"{prefix}.", [key.name for key in _DEVICE_KEYS], problems)
     transport = table.get("transport", "tcp")
@@ -341,7 +401,8 @@ def _read_device(table: dict[str, Any], prefix: str,
                  if key.name in applicable or key.name not in _ALL_TRANSPORT_KEYS)
     values = _read_keys(table, f"{prefix}.", keys, problems)
     _check_unit_ids(table.get("unit_ids"), prefix, problems)
-    if len(problems) > before:
+    unit_profiles = _resolve_profiles(values, prefix, profiles, problems)
+    if len(problems) > before or profiles is None:
         return None
 
     settings = {k: v for k, v in values.items() if k in _SETTINGS_FIELDS}
@@ -350,7 +411,37 @@ def _read_device(table: dict[str, Any], prefix: str,
         settings=EndpointSettings(**settings),
         unit_ids=tuple(values["unit_ids"]),
         poll_interval=values.get("poll_interval", 10.0),
+        profiles=unit_profiles,
+        quirks=None if profiles is builtin_profiles() else profiles.quirks,
     )
+
+
+def _resolve_profiles(values: dict[str, Any], prefix: str, profiles: Profiles | None,
+                      problems: _Problems) -> dict[int, RegisterMap]:
+    """Map unit ids to the register maps named by `profile` and `unit_profiles`."""
+    unit_ids = values.get("unit_ids") or []
+    names: dict[int, tuple[str, str]] = {}  # unit id -> (key, profile name)
+    if "profile" in values:
+        names = {unit: ("profile", values["profile"]) for unit in unit_ids}
+    for unit, name in values.get("unit_profiles", {}).items():
+        key = f"unit_profiles.{unit}"
+        if not (unit.isdigit() and int(unit) in unit_ids):
+            problems.add(f"{prefix}.{key} names a unit id that is not in unit_ids; "
+                         "add it to unit_ids or remove it")
+        elif not _is_text(name):
+            problems.add(f"{prefix}.{key} must be a profile name, got {_show(name)}")
+        else:
+            names[int(unit)] = (key, name)
+    if profiles is None:
+        return {}
+
+    found: dict[str, RegisterMap] = {}
+    for key, name in dict.fromkeys(names.values()):
+        try:
+            found[name] = profiles.register_map(name)
+        except ProfileError as err:
+            problems.add(f"{prefix}.{key}: {err}")
+    return {unit: found[name] for unit, (_, name) in names.items() if name in found}
 
 
 def _check_transport_keys(table: dict[str, Any], prefix: str, transport: str,

@@ -4,8 +4,12 @@ Each batch is sent as gzip JSON to ``<url>/api/v1/batches`` with the gateway's b
 token. A 200 reply that names the batch id confirms the batch, and only then is the batch
 deleted from the buffer. No connection, a timeout, a 5xx reply, 408, 429, or a reply that
 points at the agent's own settings (401, 403, 404, 3xx) keeps the batch and retries it
-with backoff, without end. Any other 4xx reply means the collector rejected this batch's content, so the batch moves to the
-buffer's quarantine and the next one is sent.
+with backoff, without end. Any other 4xx reply means the collector rejected this batch's
+content, so the batch moves to the buffer's quarantine and the next one is sent.
+
+Each send cycle sends a batch of the live lane (the polls written since the last cycle)
+and then one of the backlog lane (the oldest polls). So while a backlog drains, oldest
+first, the newest readings still arrive one cycle after they were polled.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 import aiohttp
 import tenacity
 
-from edge_agent.buffer import Batch, Buffer
+from edge_agent.buffer import Batch, Buffer, Lane
 from edge_agent.config import CollectorConfig
 from edge_agent.errors import CollectorUnavailable
 from edge_agent.retry import Backoff
@@ -61,6 +65,11 @@ class Forwarder:
 
     def __init__(self, buffer: Buffer, collector: CollectorConfig, gateway_id: str,
                  backoff: Backoff = Backoff()) -> None:
+        # The buffer hands out only polls stamped with its own gateway id, so sending
+        # them under another id would pass off one gateway's readings as another's.
+        if buffer.gateway_id != gateway_id:
+            raise ValueError(f"buffer of gateway {buffer.gateway_id!r} cannot be "
+                             f"forwarded as gateway {gateway_id!r}")
         self.buffer = buffer
         self.collector = collector
         self.gateway_id = gateway_id
@@ -86,18 +95,34 @@ class Forwarder:
         logger.info("forwarding batches of up to %d readings to %s",
                     self.collector.batch_size, self.url)
         while not stop.is_set():
-            outcome = await self._send_with_retry(stop)
-            if outcome is Outcome.EMPTY:
+            outcomes = []
+            for lane in (Lane.LIVE, Lane.BACKLOG):
+                outcome = await self._send_with_retry(stop, lane)
+                if outcome is None:
+                    break
+                outcomes.append(outcome)
+            if outcomes == [Outcome.EMPTY, Outcome.EMPTY]:
                 await _wait(stop, self.collector.interval)
         logger.info("forwarder stopped")
 
-    async def send_once(self) -> Outcome:
-        """Send the next batch once.
+    async def send_cycle(self) -> bool:
+        """Send the live lane's next batch, then the backlog's, once each.
+
+        Return False when both lanes were empty.
+
+        :raises CollectorUnavailable: as `send_once`.
+        """
+        live = await self.send_once(Lane.LIVE)
+        backlog = await self.send_once(Lane.BACKLOG)
+        return not (live is Outcome.EMPTY and backlog is Outcome.EMPTY)
+
+    async def send_once(self, lane: Lane = Lane.BACKLOG) -> Outcome:
+        """Send the next batch of `lane` once.
 
         :raises CollectorUnavailable: when the batch could not be delivered now; it stays
             in the buffer and keeps its id.
         """
-        batch, body = await asyncio.to_thread(self._next_body)
+        batch, body = await asyncio.to_thread(self._next_body, lane)
         if batch is None:
             return Outcome.EMPTY
 
@@ -106,7 +131,8 @@ class Forwarder:
         if status == 200:
             self._check_confirmation(batch.batch_id, reply)
             deleted = await asyncio.to_thread(self.buffer.confirm, batch.batch_id)
-            logger.debug("sent batch %s: %d readings", batch.batch_id, deleted)
+            logger.debug("sent %s batch %s: %d readings, %d gaps", lane,
+                         batch.batch_id, deleted, len(batch.gaps))
             return Outcome.SENT
         if status >= 500 or status in _RETRIED_4XX or not 400 <= status < 500:
             text = f"collector {self.url} replied HTTP {status} to batch {batch.batch_id}"
@@ -125,8 +151,8 @@ class Forwarder:
 
     # --- one request ------------------------------------------------------------------
 
-    def _next_body(self) -> tuple[Batch | None, bytes]:
-        batch = self.buffer.next_batch(self.collector.batch_size)
+    def _next_body(self, lane: Lane) -> tuple[Batch | None, bytes]:
+        batch = self.buffer.next_batch(self.collector.batch_size, lane)
         if batch is None:
             return None, b""
         return batch, encode_batch(batch, self.gateway_id)
@@ -165,8 +191,9 @@ class Forwarder:
 
     # --- retrying ---------------------------------------------------------------------
 
-    async def _send_with_retry(self, stop: asyncio.Event) -> Outcome | None:
-        """Send the next batch, retrying with backoff; None if `stop` was set meanwhile."""
+    async def _send_with_retry(self, stop: asyncio.Event,
+                               lane: Lane) -> Outcome | None:
+        """Send the lane's next batch, retrying with backoff; None if `stop` was set."""
 
         async def sleep(seconds: float) -> None:
             if await _wait(stop, seconds):
@@ -178,7 +205,7 @@ class Forwarder:
         try:
             async for attempt in retrying:
                 with attempt:
-                    outcome = await self.send_once()
+                    outcome = await self.send_once(lane)
         except _Stopped:
             return None
 
@@ -201,7 +228,7 @@ class Forwarder:
 
 
 def encode_batch(batch: Batch, gateway_id: str) -> bytes:
-    """Build the gzip-compressed JSON body of a batch, in wire format 1."""
+    """Build the gzip-compressed JSON body of a batch, in wire format 1 with gaps."""
     document = {
         "format": WIRE_FORMAT,
         "batch_id": batch.batch_id,
@@ -212,6 +239,9 @@ def encode_batch(batch: Batch, gateway_id: str) -> bytes:
         "readings": [[device_id, channel, time_ms, _finite(value)]
                      for device_id, channel, time_ms, value in batch.readings],
         "states": [list(row) for row in batch.states],
+        "gaps": [{"device_id": gap.device_id, "first_time": gap.first_ms,
+                  "last_time": gap.last_ms, "readings": gap.readings,
+                  "polls": gap.polls, "reason": gap.reason} for gap in batch.gaps],
     }
     text = json.dumps(document, separators=(",", ":"), allow_nan=False)
     return gzip.compress(text.encode(), compresslevel=6)

@@ -48,7 +48,7 @@ async def poll_once_then_wait(settings, unit_ids, poll_interval, sink, stop):
 
 
 def buffered_readings(path: Path) -> int:
-    with Buffer(path) as buffer:
+    with Buffer(path, gateway_id="gw-test") as buffer:
         return buffer.stats().readings
 
 

@@ -28,7 +28,7 @@ def poll(time_ms: int) -> Poll:
 
 @pytest.fixture
 def buffer(tmp_path):
-    with Buffer(tmp_path / "buffer.sqlite") as opened:
+    with Buffer(tmp_path / "buffer.sqlite", gateway_id="gw-test") as opened:
         yield opened
 
 
@@ -96,6 +96,7 @@ async def test_request_is_wire_format(buffer, collector):
         "readings": [["sn-1", "701.PhVphB", 1000, None],
                      ["sn-1", "701.W", 1000, 9800.0]],
         "states": [["sn-1", 1000, "online"]],
+        "gaps": [],
     }
 
 
@@ -143,9 +144,10 @@ async def test_400_quarantines_batch(buffer, collector):
 
     await run_until_stopped(forwarder_for(buffer, collector.url, batch_size=2), stop)
 
+    # The live lane's batch, with the newest poll, goes first in each cycle.
     rejected, accepted = collector.received
-    assert rejected.document["states"] == [["sn-1", 1000, "online"]]
-    assert accepted.document["states"] == [["sn-1", 2000, "online"]]
+    assert rejected.document["states"] == [["sn-1", 2000, "online"]]
+    assert accepted.document["states"] == [["sn-1", 1000, "online"]]
     [entry] = buffer.quarantined()
     assert entry.batch_id == rejected.document["batch_id"]
     assert entry.readings == 2
