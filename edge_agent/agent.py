@@ -17,7 +17,6 @@ import tenacity
 
 from edge_agent.buffer import Buffer, BufferLimits, Overflow
 from edge_agent.config import AgentConfig, DeviceGroup
-from edge_agent.endpoint import EndpointSettings
 from edge_agent.errors import CollectorUnavailable
 from edge_agent.forwarder import Forwarder
 from edge_agent.readings import Poll
@@ -28,9 +27,9 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 10.0  # seconds from stop to a closed buffer
 
 Sink = Callable[[Poll], Awaitable[None]]
-PollEndpoint = Callable[
-    [EndpointSettings, tuple[int, ...], float, Sink, asyncio.Event], Awaitable[None]
-]
+# Called with settings, unit ids, poll interval, sink and stop event, plus the
+# group's profile keyword arguments (DeviceGroup.poll_options) where it has any.
+PollEndpoint = Callable[..., Awaitable[None]]
 
 
 class _Stopped(Exception):
@@ -111,7 +110,8 @@ async def _serve(config: AgentConfig, stop: asyncio.Event, buffer: Buffer,
 
 def _poll_group(poll_endpoint: PollEndpoint, group: DeviceGroup, sink: Sink,
                 stop: asyncio.Event) -> Awaitable[None]:
-    return poll_endpoint(group.settings, group.unit_ids, group.poll_interval, sink, stop)
+    return poll_endpoint(group.settings, group.unit_ids, group.poll_interval, sink, stop,
+                         **group.poll_options)
 
 
 def _buffer_sink(buffer: Buffer) -> Sink:
