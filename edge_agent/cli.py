@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -88,7 +89,7 @@ def check_config_command(config_path: Path) -> None:
 @click.option("--config", "config_path", required=True, type=_CONFIG_FILE,
               help="Agent config file (TOML) that names the buffer file.")
 def buffer_command(config_path: Path) -> None:
-    """Show what waits in the buffer, and the quarantined batches.
+    """Show what waits in the buffer, what it dropped, and the quarantined batches.
 
     Example: solarfleet-agent buffer --config /etc/solarfleet/agent.toml
     """
@@ -103,6 +104,7 @@ def buffer_command(config_path: Path) -> None:
                 gateway_id=config.gateway_id) as buffer:
         stats = buffer.stats()
         quarantined = buffer.quarantined()
+        gaps = buffer.gaps()
 
     age = stats.oldest_age(time.time_ns() // 1_000_000)
     click.echo(f"buffer: {path}")
@@ -112,9 +114,25 @@ def buffer_command(config_path: Path) -> None:
     click.echo(f"quarantined: {stats.quarantined_batches} batches, "
                f"{stats.quarantined_readings} readings")
     for batch in quarantined:
-        when = datetime.fromtimestamp(batch.quarantined_ms / 1000, UTC)
-        click.echo(f"  {batch.batch_id} {when:%Y-%m-%dT%H:%M:%SZ} "
+        click.echo(f"  {batch.batch_id} {_utc(batch.quarantined_ms)} "
                    f"{batch.readings} readings: {batch.reason}")
+    click.echo(f"dropped: {stats.dropped_readings} readings in "
+               f"{stats.dropped_polls} polls")
+    for entry in gaps:
+        gap = entry.gap
+        if entry.reported_ms is not None:
+            status = f"reported {_utc(entry.reported_ms)}"
+        elif entry.batch_id is not None:
+            status = f"in batch {entry.batch_id}"
+        else:
+            status = "not sent yet"
+        click.echo(f"  {gap.device_id} {_utc(gap.first_ms)}..{_utc(gap.last_ms)} "
+                   f"{gap.readings} readings in {gap.polls} polls: {gap.reason}, "
+                   f"{status}")
+
+
+def _utc(time_ms: int) -> str:
+    return f"{datetime.fromtimestamp(time_ms / 1000, UTC):%Y-%m-%dT%H:%M:%SZ}"
 
 
 @main.command()
@@ -168,3 +186,211 @@ def _load_one_line(config_path: Path) -> AgentConfig:
             lines[0] += (f" (and {more} more; run `solarfleet-agent check-config "
                          f"{config_path}`)")
         raise ConfigError(lines[0]) from None
+
+
+# --- installer tools: scan and read -------------------------------------------------
+
+_TIMEOUT = click.option("--timeout", type=click.FloatRange(0, min_open=True),
+                        default=1.0, show_default=True,
+                        help="Seconds to wait for each answer.")
+_BAUDRATE = click.option("--baudrate", type=click.IntRange(1), default=9600,
+                         show_default=True,
+                         help="Serial speed in baud (serial device targets only).")
+_PARITY = click.option("--parity", type=click.Choice(["N", "E", "O"]), default="N",
+                       show_default=True,
+                       help="Serial parity (serial device targets only).")
+_TARGET_HELP = ("TARGET is host[:port] (Modbus TCP, port 502 by default), "
+                "rtu-over-tcp://host:port (a serial gateway) or a serial device "
+                "path such as /dev/ttyUSB0.")
+# Progress lines go to stderr only for scans this long, so short scans stay quiet.
+_PROGRESS_FROM = 20
+
+
+@main.command()
+@click.argument("target")
+@click.option("--units", default=None, metavar="LIST",
+              help="Unit ids to probe, as numbers and ranges, e.g. 1-247 or 1,3,240. "
+                   "Default: 1-10 (devices numbered in a row on an RS485 chain) and "
+                   "126, 240, 247 (where gateways in the field put SunSpec maps and "
+                   "meters).")
+@click.option("--bases", default="40000,0,50000", show_default=True, metavar="LIST",
+              help="Addresses to look for the SunS marker at, in order.")
+@_TIMEOUT
+@_BAUDRATE
+@_PARITY
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--write-config", "config_path", type=_CONFIG_FILE, default=None,
+              help="Write the devices found as a [[devices]] table to this agent "
+                   "config; a new file also gets gateway, collector and buffer "
+                   "placeholders, and an existing one is appended to.")
+def scan(target: str, units: str | None, bases: str, timeout: float, baudrate: int,
+         parity: str, as_json: bool, config_path: Path | None) -> None:
+    """Find SunSpec devices on a Modbus endpoint and show what each unit id holds.
+
+    TARGET is host[:port] (Modbus TCP, port 502 by default),
+    rtu-over-tcp://host:port (a serial gateway) or a serial device path such
+    as /dev/ttyUSB0. Exits with status 1 when the target cannot be reached or
+    no device was found.
+
+    Example: solarfleet-agent scan 192.168.1.20 --units 1-10,126 --write-config agent.toml
+    """
+    from edge_agent import scan as scanning
+
+    try:
+        settings = scanning.parse_target(target, timeout=timeout, baudrate=baudrate,
+                                         parity=parity)
+        unit_ids = scanning.parse_numbers(units or scanning.DEFAULT_UNITS, 1,
+                                          scanning.MAX_UNIT, "unit id")
+        base_list = scanning.parse_numbers(bases, 0, 65533, "base address")
+        results = asyncio.run(scanning.Scanner(settings, base_list).scan(
+            unit_ids, _scan_progress if len(unit_ids) >= _PROGRESS_FROM else None))
+    except scanning.ScanError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+
+    if as_json:
+        click.echo(json.dumps([result.to_json() for result in results], indent=2))
+    else:
+        _print_scan(settings.label, results)
+    if not any(result.devices for result in results):
+        click.echo(f"error: no SunSpec device found on {settings.label}", err=True)
+        sys.exit(1)
+    if config_path is not None:
+        _write_scan_config(config_path, settings, results)
+
+
+def _scan_progress(position: int, total: int, unit: int) -> None:
+    click.echo(f"scanning unit {unit} ({position}/{total})", err=True)
+
+
+def _print_scan(label: str, results: list) -> None:
+    from edge_agent.scan import describe_numbers
+
+    failures: dict[str, list[int]] = {}
+    for result in results:
+        if result.failure is not None:
+            failures.setdefault(result.failure, []).append(result.unit)
+            continue
+        click.echo(f"unit {result.unit}: SunSpec map at {result.base}")
+        for device in result.devices:
+            models = ", ".join(str(model) for model in device.models)
+            click.echo(f"  device at {device.at}: {device.manufacturer} "
+                       f"{device.model}, serial {_or_dash(device.serial)}, "
+                       f"version {_or_dash(device.version)}, models {models}")
+        for note in result.notes:
+            click.echo(f"  note: {note}")
+    for failure, units in failures.items():
+        noun = "unit" if len(units) == 1 else "units"
+        click.echo(f"{noun} {describe_numbers(units)}: {failure}")
+    found = sum(len(result.devices) for result in results)
+    with_devices = sum(1 for result in results if result.devices)
+    click.echo(f"found {found} devices on {with_devices} of {len(results)} unit ids "
+               f"at {label}")
+
+
+def _write_scan_config(path: Path, settings, results: list) -> None:
+    from edge_agent.scan import CONFIG_HEAD, config_section, describe_numbers
+
+    section = config_section(settings, results, name=settings.label)
+    units = describe_numbers([result.unit for result in results if result.devices])
+    if not path.exists():
+        path.write_text(CONFIG_HEAD + section)
+        click.echo(f"wrote {path} with units {units}; replace the gateway id, "
+                   f"collector URL and token, then run `solarfleet-agent check-config "
+                   f"{path}`", err=True)
+        return
+    _check_can_append(path, settings)
+    with path.open("a") as file:
+        file.write("\n" + section)
+    click.echo(f"appended a [[devices]] table for units {units} to {path}", err=True)
+
+
+def _check_can_append(path: Path, settings) -> None:
+    """Exit with one line where appending to the config would make it invalid."""
+    import tomllib
+
+    try:
+        document = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        click.echo(f"error: {path}: cannot add to it ({err}); fix the file or choose "
+                   "a new one", err=True)
+        sys.exit(1)
+    for table in document.get("devices", []):
+        same_port = table.get("serial_port") == settings.serial_port
+        same_host = (table.get("host"), table.get("port", 502)) == (settings.host,
+                                                                     settings.port)
+        same = same_port if settings.transport == "rtu" else same_host
+        if same or table.get("name") == settings.label:
+            click.echo(f"error: {path} already has a [[devices]] table for "
+                       f"{settings.label}; edit its unit_ids by hand or choose a new "
+                       "file", err=True)
+            sys.exit(1)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--unit", "unit", required=True, type=click.IntRange(1, 247),
+              help="Modbus unit id to read.")
+@click.option("--profile", default=None, metavar="NAME",
+              help="Device profile: a register map for a device without SunSpec, or "
+                   "the extra registers of a SunSpec device.")
+@click.option("--profiles-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Folder of device profiles beside the built-in ones.")
+@_TIMEOUT
+@_BAUDRATE
+@_PARITY
+@click.option("--json", "as_json", is_flag=True,
+              help='Print [{"channel", "value", "unit", "device"}] as JSON, with '
+                   "null for no value.")
+def read(target: str, unit: int, profile: str | None, profiles_dir: Path | None,
+         timeout: float, baudrate: int, parity: str, as_json: bool) -> None:
+    """Poll one unit once and print its decoded values with their units.
+
+    TARGET is host[:port], rtu-over-tcp://host:port or a serial device path.
+    A value the device reports as not implemented is shown as "—" (null in
+    JSON). Exits with status 1 when the unit cannot be read.
+
+    Example: solarfleet-agent read 192.168.1.20 --unit 1
+    """
+    from edge_agent import scan as scanning
+    from edge_agent.profiles import load_profiles
+
+    profiles = load_profiles(profiles_dir)
+    register_map = profiles.register_map(profile) if profile else None
+    try:
+        settings = scanning.parse_target(target, timeout=timeout, baudrate=baudrate,
+                                         parity=parity)
+        reading = asyncio.run(scanning.read_unit(settings, unit, register_map,
+                                                 profiles))
+    except scanning.ScanError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    if reading.failure is not None:
+        click.echo(f"error: {reading.failure}", err=True)
+        sys.exit(1)
+
+    if as_json:
+        rows = [{"channel": channel.name, "value": poll.values.get(channel.name),
+                 "unit": channel.unit, "device": poll.device.device_id}
+                for poll in reading.polls for channel in poll.channels]
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    for poll in reading.polls:
+        _print_poll(poll)
+
+
+def _print_poll(poll) -> None:
+    device = poll.device
+    name = " ".join(part for part in (device.manufacturer, device.model) if part)
+    click.echo(f"{device.address}: {name or 'device'}, serial "
+               f"{_or_dash(device.serial)}, {poll.state.value}")
+    width = max((len(channel.name) for channel in poll.channels), default=0)
+    for channel in poll.channels:
+        value = poll.values.get(channel.name)
+        text = "—" if value is None else repr(value)
+        unit = f" {channel.unit}" if channel.unit and value is not None else ""
+        click.echo(f"  {channel.name:<{width}}  {text}{unit}")
+
+
+def _or_dash(text: str | None) -> str:
+    return "—" if text is None else text

@@ -111,4 +111,5 @@ def test_buffer_shows_depth(tmp_path):
     assert lines[4] == "quarantined: 1 batches, 1 readings"
     assert lines[5].startswith(f"  {rejected} ")
     assert lines[5].endswith(" 1 readings: HTTP 400: bad time")
-    assert len(lines) == 6
+    assert lines[6] == "dropped: 0 readings in 0 polls"
+    assert len(lines) == 7
