@@ -236,6 +236,7 @@ def scan(target: str, units: str | None, bases: str, timeout: float, baudrate: i
     """
     from edge_agent import scan as scanning
 
+    _quiet_unless_verbose()
     try:
         settings = scanning.parse_target(target, timeout=timeout, baudrate=baudrate,
                                          parity=parity)
@@ -284,7 +285,8 @@ def _print_scan(label: str, results: list) -> None:
         click.echo(f"{noun} {describe_numbers(units)}: {failure}")
     found = sum(len(result.devices) for result in results)
     with_devices = sum(1 for result in results if result.devices)
-    click.echo(f"found {found} devices on {with_devices} of {len(results)} unit ids "
+    noun = "device" if found == 1 else "devices"
+    click.echo(f"found {found} {noun} on {with_devices} of {len(results)} unit ids "
                f"at {label}")
 
 
@@ -355,6 +357,7 @@ def read(target: str, unit: int, profile: str | None, profiles_dir: Path | None,
     from edge_agent import scan as scanning
     from edge_agent.profiles import load_profiles
 
+    _quiet_unless_verbose()
     profiles = load_profiles(profiles_dir)
     register_map = profiles.register_map(profile) if profile else None
     try:
@@ -394,3 +397,12 @@ def _print_poll(poll) -> None:
 
 def _or_dash(text: str | None) -> str:
     return "—" if text is None else text
+
+
+def _quiet_unless_verbose() -> None:
+    """Keep the agent's log lines off an installer's screen unless -v was given.
+
+    The commands print each problem themselves, so a log line would repeat it.
+    """
+    if not click.get_current_context().find_root().params.get("verbose"):
+        logging.getLogger("edge_agent").setLevel(logging.CRITICAL)

@@ -99,6 +99,7 @@ class UnitPoller:
         self.extra = extra  # vendor registers read beside the SunSpec models
         self.matched: list[Quirk] = []  # quirks that match the discovered devices
         self.device_map: DeviceMap | None = None
+        self.last_exception: Exception | None = None  # why the last poll failed
         self._skip: tuple[tuple[int, int], ...] = ()
         self._plan: list[Read] = []
         self._cuts: set[int] = set()
@@ -276,13 +277,20 @@ class UnitPoller:
             self._flagged.discard(device_id)
 
     def _note_failure(self, state: DeviceState, err: Exception) -> None:
+        self.last_exception = err
         if self._failure is None:
             logger.warning("%s: %s, reported as %s", self.address, err, state.value)
         else:
             logger.debug("%s: still %s: %s", self.address, state.value, err)
         self._failure = state
 
+    @property
+    def last_error(self) -> str | None:
+        """Why the last poll failed, or None after a good poll."""
+        return None if self.last_exception is None else str(self.last_exception)
+
     def _note_recovery(self) -> None:
+        self.last_exception = None
         if self._failure is not None:
             logger.info("%s: responding again after being %s", self.address,
                         self._failure.value)
@@ -312,6 +320,8 @@ class ProfilePoller:
             manufacturer=register_map.manufacturer, model=register_map.model,
         )
         self._failure: DeviceState | None = None
+        self.last_error: str | None = None  # why the last poll failed
+        self.last_exception: Exception | None = None
         endpoint.settings = tighten(endpoint.settings, register_map.limits)
 
     async def poll(self) -> Poll:
@@ -321,12 +331,14 @@ class ProfilePoller:
             values, channels, answered = await read_register_map(
                 self.endpoint, self.unit, self.register_map, self.address)
         except ModbusError as err:
+            self.last_exception = err
             return self._failed(time_ms, _failed_state(err), str(err))
         if not answered:
             return self._failed(time_ms, DeviceState.OFFLINE, (
                 f"{self.address}: every read of profile {self.register_map.name} was "
                 "rejected; check the unit id and that the profile fits the device"))
 
+        self.last_error = self.last_exception = None
         if self._failure is not None:
             logger.info("%s: responding again after being %s", self.address,
                         self._failure.value)
@@ -338,6 +350,7 @@ class ProfilePoller:
         return [await self.poll()]
 
     def _failed(self, time_ms: int, state: DeviceState, reason: str) -> Poll:
+        self.last_error = reason
         if self._failure is None:
             logger.warning("%s: %s, reported as %s", self.address, reason, state.value)
         else:
