@@ -404,5 +404,10 @@ def _quiet_unless_verbose() -> None:
 
     The commands print each problem themselves, so a log line would repeat it.
     """
-    if not click.get_current_context().find_root().params.get("verbose"):
-        logging.getLogger("edge_agent").setLevel(logging.CRITICAL)
+    context = click.get_current_context()
+    if context.find_root().params.get("verbose"):
+        return
+    logger = logging.getLogger("edge_agent")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    context.call_on_close(lambda: logger.setLevel(level))

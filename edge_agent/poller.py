@@ -23,10 +23,17 @@ from edge_agent.decode import (
     normalise_power_factor,
 )
 from edge_agent.endpoint import EndpointSettings
-from edge_agent.profiles import Limits, Quirk, RegisterMap, builtin_profiles
+from edge_agent.profiles import (
+    Limits,
+    ProfileRead,
+    Quirk,
+    RegisterMap,
+    builtin_profiles,
+)
 from edge_agent.readings import Channel, DeviceInfo, DeviceState, Poll
 from edge_agent.sunspec import (
     COMMON_MODEL_ID,
+    ILLEGAL_DATA_ADDRESS,
     DeviceMap,
     Endpoint,
     MalformedMap,
@@ -100,6 +107,7 @@ class UnitPoller:
         self.matched: list[Quirk] = []  # quirks that match the discovered devices
         self.device_map: DeviceMap | None = None
         self.last_exception: Exception | None = None  # why the last poll failed
+        self._extra_plan: list[ProfileRead] | None = None
         self._skip: tuple[tuple[int, int], ...] = ()
         self._plan: list[Read] = []
         self._cuts: set[int] = set()
@@ -142,8 +150,9 @@ class UnitPoller:
     async def _read_extra(self) -> tuple[dict[str, float | None], list[Channel]] | None:
         if self.extra is None:
             return None
-        values, channels, _ = await read_register_map(
-            self.endpoint, self.unit, self.extra, self.address)
+        values, channels, done = await read_register_map(
+            self.endpoint, self.unit, self.extra, self.address, self._extra_plan)
+        self._extra_plan = done or None
         return values, channels
 
     async def _read(self) -> dict[int, int]:
@@ -322,22 +331,24 @@ class ProfilePoller:
         self._failure: DeviceState | None = None
         self.last_error: str | None = None  # why the last poll failed
         self.last_exception: Exception | None = None
+        self._plan: list[ProfileRead] | None = None  # reads that worked last time
         endpoint.settings = tighten(endpoint.settings, register_map.limits)
 
     async def poll(self) -> Poll:
         """Read every register of the profile once; return the Poll."""
         time_ms = int(self.wall_clock() * 1000)
         try:
-            values, channels, answered = await read_register_map(
-                self.endpoint, self.unit, self.register_map, self.address)
+            values, channels, done = await read_register_map(
+                self.endpoint, self.unit, self.register_map, self.address, self._plan)
         except ModbusError as err:
             self.last_exception = err
             return self._failed(time_ms, _failed_state(err), str(err))
-        if not answered:
+        if not done:
             return self._failed(time_ms, DeviceState.OFFLINE, (
                 f"{self.address}: every read of profile {self.register_map.name} was "
                 "rejected; check the unit id and that the profile fits the device"))
 
+        self._plan = done
         self.last_error = self.last_exception = None
         if self._failure is not None:
             logger.info("%s: responding again after being %s", self.address,
@@ -363,24 +374,33 @@ Poller = UnitPoller | ProfilePoller
 
 
 async def read_register_map(
-    endpoint: Endpoint, unit: int, register_map: RegisterMap, address: str
-) -> tuple[dict[str, float | None], list[Channel], bool]:
+    endpoint: Endpoint, unit: int, register_map: RegisterMap, address: str,
+    plan: Sequence[ProfileRead] | None = None,
+) -> tuple[dict[str, float | None], list[Channel], list[ProfileRead]]:
     """Read and decode every register of a register map.
 
-    Returns values by channel, the channels, and whether any read was answered. A read
-    that the device rejects with an exception response leaves its registers without a
-    value. Every other Modbus error propagates.
+    Returns values by channel, the channels, and the reads that were answered, which
+    make the `plan` for the next poll. A read rejected with exception 2 is split
+    between registers and tried again, as devices reject reads longer than they
+    allow. A register that is still rejected has no value. Every other Modbus error
+    propagates.
     """
+    if plan is None:
+        plan = register_map.plan(endpoint.settings.max_registers)
     words: dict[tuple[int, int], int] = {}
-    answered = False
-    for read in register_map.plan(endpoint.settings.max_registers):
+    done: list[ProfileRead] = []
+    pending = list(plan)
+    while pending:
+        read = pending.pop(0)
         try:
             got = await endpoint.read(unit, read.address, read.count,
                                       function_code=read.function_code)
         except ModbusExceptionResponse as err:
             logger.debug("%s: profile %s: %s", address, register_map.name, err)
+            if err.code == ILLEGAL_DATA_ADDRESS:
+                pending[:0] = _split_profile_read(read, register_map)
             continue
-        answered = True
+        done.append(read)
         for offset, word in enumerate(got):
             words[read.function_code, read.address + offset] = word
 
@@ -394,7 +414,23 @@ async def read_register_map(
             else register.decode(register_words)  # type: ignore[arg-type]
         )
     channels = [Channel(r.channel, r.unit) for r in register_map.registers]
-    return values, channels, answered
+    return values, channels, done
+
+
+def _split_profile_read(read: ProfileRead, register_map: RegisterMap) -> list[ProfileRead]:
+    """Split a read in two at the register start nearest its middle; [] if it cannot."""
+    starts = sorted({
+        r.address for r in register_map.registers
+        if r.function_code == read.function_code
+        and read.address < r.address < read.address + read.count
+    })
+    if not starts:
+        return []
+    middle = starts[len(starts) // 2]
+    return [
+        ProfileRead(read.function_code, read.address, middle - read.address),
+        ProfileRead(read.function_code, middle, read.address + read.count - middle),
+    ]
 
 
 def tighten(settings: EndpointSettings, limits: Limits) -> EndpointSettings:

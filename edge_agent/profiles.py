@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+import struct
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -99,10 +100,23 @@ class Register:
         if raw is None:
             return None
         # Decimal keeps 0.1 x 2345 at 234.5 instead of 234.50000000000003.
-        value = Decimal(repr(raw)) if isinstance(raw, float) else Decimal(raw)
+        value = _float32_decimal(raw) if isinstance(raw, float) else Decimal(raw)
         if self.multiplier is not None:
             value *= self.multiplier
         return float(value.scaleb(self.exponent))
+
+
+def _float32_decimal(value: float) -> Decimal:
+    """Return the shortest decimal that reads back as the same float32.
+
+    0x4366F852 is 230.97 on the device's display, not 230.97000122070312.
+    """
+    packed = struct.pack(">f", value)
+    for digits in range(1, 10):
+        text = f"{value:.{digits}g}"
+        if struct.pack(">f", float(text)) == packed:
+            return Decimal(text)
+    return Decimal(repr(value))
 
 
 @dataclass(frozen=True, slots=True)
