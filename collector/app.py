@@ -1,8 +1,8 @@
 """The collector's HTTP API (aiohttp): batch ingest, latest values, health.
 
-Every error reply is `{"error": "<one line>"}` with the status that tells the sender what
-to do: 400 fix the batch, 401 or 403 fix the token or gateway id, 413 send smaller
-batches, 503 retry later.
+Every error reply is `{"error": "<one line>"}`. Its status shows the sender what to do:
+400 fix the batch, 401 or 403 fix the token or gateway id, 413 send smaller batches,
+503 retry later.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _ENCODINGS = ("", "identity", "gzip")
 
 @dataclass(frozen=True, slots=True)
 class Services:
-    """What the request handlers use, opened at startup and closed at cleanup."""
+    """Pools and caches of the request handlers, opened at startup."""
 
     config: CollectorConfig
     databases: migrate.Databases
@@ -52,8 +52,11 @@ class Forbidden(Exception):
 
 
 _STATUS: dict[type[Exception], int] = {
-    Unauthorized: 401, Forbidden: 403, NotFound: 404,
-    ShardUnavailable: 503, DatabaseError: 503,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    ShardUnavailable: 503,
+    DatabaseError: 503,
 }
 
 
@@ -72,17 +75,24 @@ def create_app(config: CollectorConfig) -> web.Application:
     return app
 
 
-def _services(config: CollectorConfig
-              ) -> Callable[[web.Application], AsyncIterator[None]]:
+def _services(
+    config: CollectorConfig,
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         dbs = await asyncio.to_thread(
             migrate.prepare, config.database, skip_unreachable_shards=True
         )
         timeout = config.server.shard_timeout
-        catalog = AsyncConnectionPool(dbs.catalog_dsn, min_size=1, max_size=5,
-                                      open=False, name="catalog", timeout=timeout,
-                                      reconnect_timeout=timeout,
-                                      check=AsyncConnectionPool.check_connection)
+        catalog = AsyncConnectionPool(
+            dbs.catalog_dsn,
+            min_size=1,
+            max_size=5,
+            open=False,
+            name="catalog",
+            timeout=timeout,
+            reconnect_timeout=timeout,
+            check=AsyncConnectionPool.check_connection,
+        )
         shards = ShardPools(dbs.shards, timeout)
         await catalog.open(wait=False)
         await shards.open()
@@ -100,9 +110,10 @@ def _services(config: CollectorConfig
 
 
 @web.middleware
-async def _json_errors(request: web.Request,
-                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                       ) -> web.StreamResponse:
+async def _json_errors(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except BatchRejected as err:
@@ -143,12 +154,17 @@ async def post_batch(request: web.Request) -> web.Response:
         )
     async with services.shards.connection(identity.shard) as conn:
         result = await ingest.store_batch(conn, identity.installation_id, batch)
-    return web.json_response({"batch_id": result.batch_id, "stored": result.stored,
-                              "duplicates": result.duplicates})
+    return web.json_response(
+        {
+            "batch_id": result.batch_id,
+            "stored": result.stored,
+            "duplicates": result.duplicates,
+        }
+    )
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """Read the request body, gzip-decoded, stopping as soon as it exceeds `limit` bytes.
+    """Read the request body, gzip-decoded, stopping once it exceeds `limit` bytes.
 
     aiohttp decodes a gzip body while it streams in, in bounded pieces, so a small
     compressed body that expands enormously is cut off at the limit.
@@ -165,11 +181,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             if len(body) > limit:
                 raise BatchRejected(
                     f"body exceeds the limit of {limit} bytes after decompression: "
-                    "send smaller batches", status=413,
+                    "send smaller batches",
+                    status=413,
                 )
     except web.RequestPayloadError as err:
         # NOTE: aiohttp also logs this at error level and closes the connection.
-        raise BatchRejected(f"body cannot be decoded as {encoding or 'identity'}") from err
+        raise BatchRejected(
+            f"body cannot be decoded as {encoding or 'identity'}"
+        ) from err
     return bytes(body)
 
 
@@ -199,14 +218,18 @@ def _installation_id(request: web.Request) -> int:
 
 
 async def get_health(request: web.Request) -> web.Response:
-    """Report whether the catalog answers and which shards failed their last request."""
+    """Report whether the catalog is reachable and which shards are failing."""
     services = request.app[SERVICES]
-    shards = {name: ("down" if services.shards.is_down(name) else "up")
-              for name in services.shards.names}
+    shards = {
+        name: ("down" if services.shards.is_down(name) else "up")
+        for name in services.shards.names
+    }
     try:
         async with services.catalog.connection() as conn:
             await conn.execute("SELECT 1")
     except psycopg.Error as err:
         logger.debug("health check of the catalog failed: %s", err)
-        return web.json_response({"status": "catalog down", "shards": shards}, status=503)
+        return web.json_response(
+            {"status": "catalog down", "shards": shards}, status=503
+        )
     return web.json_response({"status": "ok", "shards": shards})

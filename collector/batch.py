@@ -16,7 +16,9 @@ from typing import Any
 from collector.errors import BatchRejected
 
 FORMAT = 1
-STATES = frozenset({"online", "sleeping", "offline", "refused", "not-sunspec", "malformed"})
+STATES = frozenset(
+    {"online", "sleeping", "offline", "refused", "not-sunspec", "malformed"}
+)
 MAX_DEVICES = 1_000
 MAX_CHANNELS = 50_000
 MAX_READINGS = 200_000
@@ -24,8 +26,8 @@ MAX_STATES = 50_000
 MAX_ID_LENGTH = 200
 MAX_TEXT_LENGTH = 200
 MAX_UNIT_LENGTH = 32
-# Readings before 2000-01-01 UTC, or more than a day ahead of the collector's clock, come
-# from a gateway clock that is not set.
+# Readings before 2000-01-01 UTC, or more than a day ahead of the collector's clock,
+# come from a gateway clock that is not set.
 MIN_TIME_MS = 946_684_800_000
 MAX_AHEAD_MS = 86_400_000
 _DEVICE_TEXT = ("name", "manufacturer", "model", "serial", "version", "address")
@@ -54,7 +56,7 @@ class Channel:
 
     @property
     def parameter(self) -> str:
-        """The quantity without its model prefix or group: "DCW" for "160.module[2].DCW"."""
+        """The quantity without model prefix or group: "DCW" for "160.module[2].DCW"."""
         return self.name.rsplit(".", 1)[-1]
 
 
@@ -88,7 +90,7 @@ class Batch:
 def parse(body: bytes, now_ms: int | None = None) -> Batch:
     """Parse and validate a batch body, JSON in UTF-8.
 
-    `now_ms` is the collector's clock in Unix milliseconds, for the check of reading times.
+    `now_ms` is the collector's clock in Unix milliseconds, to check reading times.
 
     :raises BatchRejected: the body is not a valid format 1 batch.
     """
@@ -99,7 +101,9 @@ def parse(body: bytes, now_ms: int | None = None) -> Batch:
         raise BatchRejected("batch must be a JSON object")
     version = data.get("format")
     if version != FORMAT or isinstance(version, bool):
-        raise BatchRejected(f"format {version!r} is not supported: send format {FORMAT}")
+        raise BatchRejected(
+            f"format {version!r} is not supported: send format {FORMAT}"
+        )
     batch_id = _identifier(data.get("batch_id"), "batch_id")
     gateway_id = _identifier(data.get("gateway_id"), "gateway_id")
     devices = _parse_devices(_array(data, "devices", MAX_DEVICES))
@@ -107,8 +111,14 @@ def parse(body: bytes, now_ms: int | None = None) -> Batch:
     times = (MIN_TIME_MS, now_ms + MAX_AHEAD_MS)
     readings = _parse_readings(_array(data, "readings", MAX_READINGS), channels, times)
     states = _parse_states(_array(data, "states", MAX_STATES), devices, times)
-    return Batch(batch_id, gateway_id, tuple(devices.values()),
-                 tuple(channels.values()), readings, states)
+    return Batch(
+        batch_id,
+        gateway_id,
+        tuple(devices.values()),
+        tuple(channels.values()),
+        readings,
+        states,
+    )
 
 
 def _load_json(body: bytes) -> Any:
@@ -143,7 +153,8 @@ def _array(data: dict[str, Any], key: str, limit: int) -> list[Any]:
 def _identifier(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
         raise BatchRejected(
-            f"{where} must be a string of 1-{MAX_ID_LENGTH} characters, got {_short(value)}"
+            f"{where} must be a string of 1-{MAX_ID_LENGTH} characters, "
+            f"got {_short(value)}"
         )
     return value
 
@@ -176,8 +187,9 @@ def _parse_devices(items: list[Any]) -> dict[str, Device]:
     return devices
 
 
-def _parse_channels(items: list[Any], devices: dict[str, Device]
-                    ) -> dict[tuple[str, str], Channel]:
+def _parse_channels(
+    items: list[Any], devices: dict[str, Device]
+) -> dict[tuple[str, str], Channel]:
     channels: dict[tuple[str, str], Channel] = {}
     for index, item in enumerate(items):
         where = f"channels[{index}]"
@@ -187,7 +199,9 @@ def _parse_channels(items: list[Any], devices: dict[str, Device]
         name = _identifier(item.get("name"), f"{where}.name")
         unit = _optional_text(item.get("unit"), f"{where}.unit", MAX_UNIT_LENGTH)
         if (device_id, name) in channels:
-            raise BatchRejected(f"{where}: channel {name!r} of {device_id!r} is listed twice")
+            raise BatchRejected(
+                f"{where}: channel {name!r} of {device_id!r} is listed twice"
+            )
         channels[(device_id, name)] = Channel(device_id, name, unit)
     return channels
 
@@ -199,8 +213,9 @@ def _listed_device(value: Any, where: str, devices: dict[str, Device]) -> str:
     return device_id
 
 
-def _parse_readings(items: list[Any], channels: dict[tuple[str, str], Channel],
-                    times: tuple[int, int]) -> tuple[Reading, ...]:
+def _parse_readings(
+    items: list[Any], channels: dict[tuple[str, str], Channel], times: tuple[int, int]
+) -> tuple[Reading, ...]:
     readings = []
     for index, item in enumerate(items):
         where = f"readings[{index}]"
@@ -209,15 +224,20 @@ def _parse_readings(items: list[Any], channels: dict[tuple[str, str], Channel],
             raise BatchRejected(f"{where}: device id and channel must be strings")
         if (device_id, channel) not in channels:
             raise BatchRejected(
-                f"{where}: channel {channel!r} of {device_id!r} is not listed in channels"
+                f"{where}: channel {channel!r} of {device_id!r} "
+                "is not listed in channels"
             )
-        readings.append(Reading(device_id, channel, _time(time_ms, where, times),
-                                _value(value, where)))
+        readings.append(
+            Reading(
+                device_id, channel, _time(time_ms, where, times), _value(value, where)
+            )
+        )
     return tuple(readings)
 
 
-def _parse_states(items: list[Any], devices: dict[str, Device],
-                  times: tuple[int, int]) -> tuple[State, ...]:
+def _parse_states(
+    items: list[Any], devices: dict[str, Device], times: tuple[int, int]
+) -> tuple[State, ...]:
     states = []
     for index, item in enumerate(items):
         where = f"states[{index}]"
@@ -244,7 +264,8 @@ def _time(value: Any, where: str, times: tuple[int, int]) -> int:
     low, high = times
     if not low <= value <= high:
         raise BatchRejected(
-            f"{where}: time {value} ms is outside {low}..{high}: check the gateway clock"
+            f"{where}: time {value} ms is outside {low}..{high}: "
+            "check the gateway clock"
         )
     return value
 
@@ -253,13 +274,17 @@ def _value(value: Any, where: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BatchRejected(f"{where}: value must be a number or null, got {_short(value)}")
+        raise BatchRejected(
+            f"{where}: value must be a number or null, got {_short(value)}"
+        )
     try:
         number = float(value)
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise BatchRejected(f"{where}: value {_short(value)} is not finite: send null instead")
+        raise BatchRejected(
+            f"{where}: value {_short(value)} is not finite: send null instead"
+        )
     return number
 
 

@@ -2,7 +2,7 @@
 
 Administrative functions are synchronous and take the catalog's connection string. The
 collector's request path uses `Authenticator`, which looks tokens up asynchronously and
-reuses each answer for a short time.
+caches each result for a short time.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class Shard:
 
 @dataclass(frozen=True, slots=True)
 class GatewayIdentity:
-    """Who a valid gateway token belongs to, and where its installation's data lives."""
+    """Identity of a valid gateway token: its gateway, installation and shard."""
 
     gateway_id: str
     installation_id: int
@@ -101,26 +101,34 @@ def _connect(dsn: str) -> Iterator[psycopg.Connection[Any]]:
             yield conn
     except psycopg.errors.UndefinedTable as err:
         raise DatabaseError(
-            f"catalog database {label} has no schema: run `solarfleet-collector migrate`"
+            f"catalog database {label} has no schema: "
+            "run `solarfleet-collector migrate`"
         ) from err
     except psycopg.OperationalError as err:
         first_line = (str(err).strip().splitlines() or ["connection failed"])[0]
-        raise DatabaseError(f"cannot reach catalog database {label}: {first_line}") from err
+        raise DatabaseError(
+            f"cannot reach catalog database {label}: {first_line}"
+        ) from err
 
 
 def _check_name(kind: str, name: str) -> str:
     name = name.strip()
     if not name or len(name) > _MAX_NAME:
-        raise CollectorError(f"{kind} name {name!r} is invalid: use 1-{_MAX_NAME} characters")
+        raise CollectorError(
+            f"{kind} name {name!r} is invalid: use 1-{_MAX_NAME} characters"
+        )
     return name
 
 
-def add_owner(dsn: str, name: str, organization: str | None = None,
-              email: str | None = None) -> Owner:
+def add_owner(
+    dsn: str, name: str, organization: str | None = None, email: str | None = None
+) -> Owner:
     """Add an owner of installations."""
     name = _check_name("owner", name)
     if email is not None and "@" not in email:
-        raise CollectorError(f"email {email!r} is invalid: use an address like ops@example.org")
+        raise CollectorError(
+            f"email {email!r} is invalid: use an address like ops@example.org"
+        )
     with _connect(dsn) as conn, conn.cursor(row_factory=class_row(Owner)) as cur:
         cur.execute(
             "INSERT INTO owners (name, organization, email) VALUES (%s, %s, %s) "
@@ -132,8 +140,9 @@ def add_owner(dsn: str, name: str, organization: str | None = None,
     return owner
 
 
-def add_installation(dsn: str, name: str, owner_id: int, shard: str | None = None,
-                     timezone: str = "UTC") -> Installation:
+def add_installation(
+    dsn: str, name: str, owner_id: int, shard: str | None = None, timezone: str = "UTC"
+) -> Installation:
     """Add an installation on shard `shard`, or on the shard with fewest installations.
 
     :raises NotFound: the owner or the named shard does not exist.
@@ -141,8 +150,13 @@ def add_installation(dsn: str, name: str, owner_id: int, shard: str | None = Non
     name = _check_name("installation", name)
     _check_timezone(timezone)
     with _connect(dsn) as conn:
-        if conn.execute("SELECT 1 FROM owners WHERE id = %s", (owner_id,)).fetchone() is None:
-            raise NotFound(f"owner {owner_id} not found: use the id printed by `owners add`")
+        if (
+            conn.execute("SELECT 1 FROM owners WHERE id = %s", (owner_id,)).fetchone()
+            is None
+        ):
+            raise NotFound(
+                f"owner {owner_id} not found: use the id printed by `owners add`"
+            )
         shard_id, shard_name = _pick_shard(conn, shard)
         row = conn.execute(
             "INSERT INTO installations (owner_id, name, timezone, shard_id) "
@@ -169,7 +183,9 @@ def _pick_shard(conn: psycopg.Connection[Any], name: str | None) -> tuple[int, s
         "GROUP BY s.id ORDER BY count(i.id), s.id"
     ).fetchall()
     if not rows:
-        raise NotFound("no shard is registered: run `solarfleet-collector migrate` first")
+        raise NotFound(
+            "no shard is registered: run `solarfleet-collector migrate` first"
+        )
     if name is None:
         return rows[0][0], rows[0][1]
     for shard_id, shard_name in rows:
@@ -249,7 +265,9 @@ def add_key(dsn: str, name: str) -> tuple[Key, str]:
             )
             key = cur.fetchone()
     except psycopg.errors.UniqueViolation as err:
-        raise AlreadyExists(f"key {name!r} already exists: choose another name") from err
+        raise AlreadyExists(
+            f"key {name!r} already exists: choose another name"
+        ) from err
     assert key is not None
     return key, secret
 
@@ -271,12 +289,16 @@ def register_shard(dsn: str, name: str, shard_dsn: str) -> Shard:
 class Authenticator:
     """Look up gateway tokens, operator keys and installations in the catalog.
 
-    Each answer, found or not, is reused for `ttl` seconds, so a revoked token keeps
+    Each result, found or not, is cached for `ttl` seconds, so a revoked token keeps
     working for at most that long.
     """
 
-    def __init__(self, pool: AsyncConnectionPool, ttl: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._pool = pool
         self._ttl = ttl
         self._clock = clock

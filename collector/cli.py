@@ -1,4 +1,4 @@
-"""The `solarfleet-collector` command: thin click commands over the collector's library."""
+"""The `solarfleet-collector` command: thin click commands over the collector."""
 
 from __future__ import annotations
 
@@ -22,8 +22,12 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 CONFIG_ENV = "SOLARFLEET_COLLECTOR_CONFIG"
 
 config_option = click.option(
-    "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-    envvar=CONFIG_ENV, show_envvar=True,
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=CONFIG_ENV,
+    show_envvar=True,
     help="Collector TOML config. Without one, an embedded PostgreSQL is used.",
 )
 
@@ -51,11 +55,14 @@ def _catalog_dsn(config_path: Path | None) -> tuple[str, migrate.Databases]:
 @click.group(cls=_Group, context_settings=CONTEXT_SETTINGS)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 def main(verbose: bool) -> None:
-    """Receive readings from solarfleet gateways and store them in sharded PostgreSQL."""
+    """Receive readings from solarfleet gateways, store them in sharded PostgreSQL."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        # pgserver logs every command it runs, with its whole output, at info level.
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 
 @main.command()
@@ -78,7 +85,8 @@ async def _serve(config: CollectorConfig) -> None:
     except OSError as err:
         await runner.cleanup()
         raise CollectorError(
-            f"cannot listen on {config.server.host}:{config.server.port}: {err.strerror}; "
+            f"cannot listen on {config.server.host}:{config.server.port}: "
+            f"{err.strerror}; "
             "set another [server] port"
         ) from err
     logger.info("listening on http://%s:%s", config.server.host, config.server.port)
@@ -119,8 +127,9 @@ def owners() -> None:
 @click.option("--organization", help="Company or organisation of the owner.")
 @click.option("--email", help="Contact address of the owner.")
 @config_option
-def owners_add(name: str, organization: str | None, email: str | None,
-               config_path: Path | None) -> None:
+def owners_add(
+    name: str, organization: str | None, email: str | None, config_path: Path | None
+) -> None:
     """Add an owner and print its id.
 
     Example: solarfleet-collector owners add "Alice Meyer" --email alice@example.org
@@ -141,12 +150,19 @@ def installations() -> None:
 @installations.command("add")
 @click.argument("name")
 @click.option("--owner", "owner_id", type=int, required=True, help="Id of the owner.")
-@click.option("--shard", help="Shard name. Default: the shard with fewest installations.")
-@click.option("--timezone", default="UTC", show_default=True,
-              help="IANA time zone of the site, for daily energy.")
+@click.option(
+    "--shard", help="Shard name. Default: the shard with fewest installations."
+)
+@click.option(
+    "--timezone",
+    default="UTC",
+    show_default=True,
+    help="IANA time zone of the site, for daily energy.",
+)
 @config_option
-def installations_add(name: str, owner_id: int, shard: str | None, timezone: str,
-                      config_path: Path | None) -> None:
+def installations_add(
+    name: str, owner_id: int, shard: str | None, timezone: str, config_path: Path | None
+) -> None:
     """Add an installation and print its id and shard.
 
     Example: solarfleet-collector installations add "Roof A" --owner 1
@@ -156,8 +172,10 @@ def installations_add(name: str, owner_id: int, shard: str | None, timezone: str
         inst = catalog.add_installation(dsn, name, owner_id, shard, timezone)
     finally:
         dbs.close()
-    click.echo(f"added installation {inst.id}: {inst.name} "
-               f"(owner {inst.owner_id}, shard {inst.shard}, timezone {inst.timezone})")
+    click.echo(
+        f"added installation {inst.id}: {inst.name} "
+        f"(owner {inst.owner_id}, shard {inst.shard}, timezone {inst.timezone})"
+    )
 
 
 @main.group()
@@ -167,10 +185,17 @@ def gateways() -> None:
 
 @gateways.command("add")
 @click.argument("gateway_id")
-@click.option("--installation", "installation_id", type=int, required=True,
-              help="Id of the installation the gateway sends data for.")
+@click.option(
+    "--installation",
+    "installation_id",
+    type=int,
+    required=True,
+    help="Id of the installation the gateway sends data for.",
+)
 @config_option
-def gateways_add(gateway_id: str, installation_id: int, config_path: Path | None) -> None:
+def gateways_add(
+    gateway_id: str, installation_id: int, config_path: Path | None
+) -> None:
     """Add a gateway and print its token, which is shown only this once.
 
     Example: solarfleet-collector gateways add gw-site-a --installation 1
@@ -180,8 +205,9 @@ def gateways_add(gateway_id: str, installation_id: int, config_path: Path | None
         gateway, token = catalog.add_gateway(dsn, gateway_id, installation_id)
     finally:
         dbs.close()
-    click.echo(f"added gateway {gateway.gateway_id} to installation "
-               f"{gateway.installation_id}")
+    click.echo(
+        f"added gateway {gateway.gateway_id} to installation {gateway.installation_id}"
+    )
     click.echo(f"token: {token}")
     click.echo("The token is shown only once: put it in the agent's [collector] token.")
 

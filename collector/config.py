@@ -1,7 +1,7 @@
 """Collector configuration: a TOML file read into frozen dataclasses.
 
-With no `catalog` under `[database]` (or no `[database]` table at all), the collector runs
-an embedded PostgreSQL under `embedded_dir` holding the catalog and two shards.
+With no `catalog` under `[database]` (or no `[database]` table at all), the collector
+runs an embedded PostgreSQL under `embedded_dir` holding the catalog and two shards.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ EMBEDDED_CATALOG = "solarfleet_catalog"
 EMBEDDED_SHARDS = (("shard-1", "solarfleet_shard_1"), ("shard-2", "solarfleet_shard_2"))
 
 _SHARD_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_SERVER_KEYS = ("host", "port", "max_batch_bytes", "shard_timeout", "auth_cache_seconds")
+_SERVER_KEYS = (
+    "host",
+    "port",
+    "max_batch_bytes",
+    "shard_timeout",
+    "auth_cache_seconds",
+)
 _DATABASE_KEYS = ("catalog", "embedded_dir")
 _SHARD_KEYS = ("name", "dsn")
 
@@ -46,7 +52,7 @@ class ShardConfig:
 
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
-    """Where the catalog and the shards live; `catalog` None means embedded."""
+    """Locations of the catalog and the shards. A `catalog` of None means embedded."""
 
     catalog: str | None = None
     embedded_dir: Path = DEFAULT_EMBEDDED_DIR
@@ -110,8 +116,9 @@ def _parse_server(table: dict[str, Any]) -> ServerConfig:
 
 def _parse_database(table: dict[str, Any], shards: Any) -> DatabaseConfig:
     _check_keys("database", table, _DATABASE_KEYS)
-    embedded_dir = Path(_string(table, "database", "embedded_dir", "") or
-                        DEFAULT_EMBEDDED_DIR).expanduser()
+    embedded_dir = Path(
+        _string(table, "database", "embedded_dir", "") or DEFAULT_EMBEDDED_DIR
+    ).expanduser()
     catalog = table.get("catalog")
     if catalog is None:
         if shards is not None:
@@ -122,7 +129,9 @@ def _parse_database(table: dict[str, Any], shards: Any) -> DatabaseConfig:
         return DatabaseConfig(catalog=None, embedded_dir=embedded_dir)
     catalog = _string(table, "database", "catalog", "")
     if not catalog:
-        raise ConfigError("[database] catalog is empty: set a PostgreSQL connection string")
+        raise ConfigError(
+            "[database] catalog is empty: set a PostgreSQL connection string"
+        )
     return DatabaseConfig(catalog, embedded_dir, _parse_shards(shards))
 
 
@@ -140,14 +149,19 @@ def _parse_shards(shards: Any) -> tuple[ShardConfig, ...]:
         name = _string(table, where, "name", "")
         if not _SHARD_NAME.match(name):
             raise ConfigError(
-                f"[{where}] name {name!r} is invalid: use 1-63 lowercase letters, digits, "
+                f"[{where}] name {name!r} is invalid: use 1-63 lowercase letters, "
+                "digits, "
                 "'-' or '_', starting with a letter or digit"
             )
         if any(shard.name == name for shard in parsed):
-            raise ConfigError(f"[{where}] name {name!r} is used twice: give each shard its own")
+            raise ConfigError(
+                f"[{where}] name {name!r} is used twice: give each shard its own"
+            )
         dsn = _string(table, where, "dsn", "")
         if not dsn:
-            raise ConfigError(f"[{where}] dsn is missing: set a PostgreSQL connection string")
+            raise ConfigError(
+                f"[{where}] dsn is missing: set a PostgreSQL connection string"
+            )
         parsed.append(ShardConfig(name, dsn))
     return tuple(parsed)
 
@@ -175,10 +189,15 @@ def _string(table: dict[str, Any], where: str, key: str, default: str) -> str:
     return value
 
 
-def _integer(table: dict[str, Any], where: str, key: str, default: int,
-             low: int, high: int) -> int:
+def _integer(
+    table: dict[str, Any], where: str, key: str, default: int, low: int, high: int
+) -> int:
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not low <= value <= high
+    ):
         raise ConfigError(
             f"[{where}] {key} must be an integer from {low} to {high}, got {value!r}"
         )

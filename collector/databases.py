@@ -1,4 +1,4 @@
-"""Server-level operations on PostgreSQL: connection strings, create and drop databases."""
+"""Server-level PostgreSQL operations: connection strings, create and drop databases."""
 
 from __future__ import annotations
 
@@ -66,7 +66,9 @@ def drop_database(admin_dsn: str, name: str) -> None:
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
             conn.execute(statement)
     except psycopg.Error as err:
-        raise DatabaseError(f"cannot drop database {name!r}: {_first_line(err)}") from err
+        raise DatabaseError(
+            f"cannot drop database {name!r}: {_first_line(err)}"
+        ) from err
 
 
 def _first_line(err: Exception) -> str:

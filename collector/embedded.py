@@ -1,8 +1,8 @@
 """Embedded PostgreSQL (pgserver) for a first start, the demo and tests.
 
-pgserver ships the PostgreSQL binaries in its wheel, runs the server from a data directory
-and listens only on a Unix socket inside it. When run as root it runs the server as a
-system user named `pgserver`, which it creates.
+pgserver ships the PostgreSQL binaries in its wheel, runs the server from a data
+directory and listens only on a Unix socket inside it. Run as root, it runs the server
+as a system user named `pgserver`, which it creates.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collector.errors import DatabaseError
 logger = logging.getLogger(__name__)
 
 # pgserver keeps one handle per data directory and process, so nested start() calls in
-# one process share it; the server is released when the last of them stops.
+# one process share it. The handle is released when the last of them stops.
 _handles: dict[Path, int] = {}
 
 
@@ -46,7 +46,7 @@ class EmbeddedPostgres:
         return self.dsn(dbname)
 
     def stop(self) -> None:
-        """Release this handle. The server stops when no start() in any process holds it."""
+        """Release this handle. The last handle of the last process stops the server."""
         _handles[self.datadir] -= 1
         if _handles[self.datadir] > 0:
             return

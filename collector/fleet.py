@@ -32,8 +32,17 @@ async def latest(conn: AsyncConnection[Any], installation_id: int) -> dict[str, 
     ]
     cur = await conn.execute(_CHANNELS, (installation_id,))
     channels = [
-        {"device_id": device_id, "channel": name, "unit": unit, "time": time_ms,
-         "value": value}
+        {
+            "device_id": device_id,
+            "channel": name,
+            "unit": unit,
+            "time": time_ms,
+            "value": value,
+        }
         for device_id, name, unit, time_ms, value in await cur.fetchall()
     ]
-    return {"installation_id": installation_id, "devices": devices, "channels": channels}
+    return {
+        "installation_id": installation_id,
+        "devices": devices,
+        "channels": channels,
+    }

@@ -36,7 +36,8 @@ INSERT INTO devices AS d
     (installation_id, device_id, name, manufacturer, model, serial, version, address)
 SELECT %(installation_id)s, * FROM unnest(
     %(device_ids)s::text[], %(names)s::text[], %(manufacturers)s::text[],
-    %(models)s::text[], %(serials)s::text[], %(versions)s::text[], %(addresses)s::text[])
+    %(models)s::text[], %(serials)s::text[], %(versions)s::text[],
+    %(addresses)s::text[])
 ON CONFLICT (installation_id, device_id) DO UPDATE SET
     name = EXCLUDED.name, manufacturer = EXCLUDED.manufacturer, model = EXCLUDED.model,
     serial = EXCLUDED.serial, version = EXCLUDED.version, address = EXCLUDED.address
@@ -89,7 +90,7 @@ WHERE d.installation_id = %(installation_id)s AND d.device_id = s.device_id
 
 @dataclass(frozen=True, slots=True)
 class IngestResult:
-    """What became of a batch's readings."""
+    """Counts of a batch's readings stored now and already stored before."""
 
     batch_id: str
     stored: int
@@ -101,8 +102,9 @@ def to_datetime(time_ms: int) -> datetime:
     return EPOCH + timedelta(milliseconds=time_ms)
 
 
-async def store_batch(conn: AsyncConnection[Any], installation_id: int,
-                      batch: Batch) -> IngestResult:
+async def store_batch(
+    conn: AsyncConnection[Any], installation_id: int, batch: Batch
+) -> IngestResult:
     """Store `batch` for `installation_id` and commit.
 
     A batch id already stored for the installation stores nothing, and so does each
@@ -111,7 +113,9 @@ async def store_batch(conn: AsyncConnection[Any], installation_id: int,
     await _ensure_partitions(conn, batch)
     async with conn.transaction():
         if not await _claim_batch(conn, installation_id, batch):
-            logger.debug("batch %s of %s already stored", batch.batch_id, batch.gateway_id)
+            logger.debug(
+                "batch %s of %s already stored", batch.batch_id, batch.gateway_id
+            )
             return IngestResult(batch.batch_id, 0, len(batch.readings))
         params = {"installation_id": installation_id}
         await _upsert_devices(conn, params, batch)
@@ -119,20 +123,31 @@ async def store_batch(conn: AsyncConnection[Any], installation_id: int,
         stored = await _insert_readings(conn, params, batch, channel_ids)
         await _update_states(conn, params, batch)
         await conn.execute(
-            "UPDATE batches SET stored = %s WHERE installation_id = %s AND batch_id = %s",
+            "UPDATE batches SET stored = %s "
+            "WHERE installation_id = %s AND batch_id = %s",
             (stored, installation_id, batch.batch_id),
         )
-    logger.debug("batch %s of %s: %d stored, %d duplicates", batch.batch_id,
-                 batch.gateway_id, stored, len(batch.readings) - stored)
+    logger.debug(
+        "batch %s of %s: %d stored, %d duplicates",
+        batch.batch_id,
+        batch.gateway_id,
+        stored,
+        len(batch.readings) - stored,
+    )
     return IngestResult(batch.batch_id, stored, len(batch.readings) - stored)
 
 
 async def _ensure_partitions(conn: AsyncConnection[Any], batch: Batch) -> None:
     # Creating a partition locks the whole readings table, so it happens in a short
     # transaction of its own before the batch transaction takes its row locks.
-    months = sorted({to_datetime(r.time_ms).replace(day=1, hour=0, minute=0, second=0,
-                                                    microsecond=0)
-                     for r in batch.readings})
+    months = sorted(
+        {
+            to_datetime(r.time_ms).replace(
+                day=1, hour=0, minute=0, second=0, microsecond=0
+            )
+            for r in batch.readings
+        }
+    )
     if not months:
         return
     async with conn.transaction():
@@ -142,8 +157,9 @@ async def _ensure_partitions(conn: AsyncConnection[Any], batch: Batch) -> None:
         )
 
 
-async def _claim_batch(conn: AsyncConnection[Any], installation_id: int,
-                       batch: Batch) -> bool:
+async def _claim_batch(
+    conn: AsyncConnection[Any], installation_id: int, batch: Batch
+) -> bool:
     # A concurrent transaction sending the same batch id waits here for this one's
     # outcome, so the same batch is never stored twice.
     cur = await conn.execute(
@@ -154,43 +170,63 @@ async def _claim_batch(conn: AsyncConnection[Any], installation_id: int,
     return await cur.fetchone() is not None
 
 
-async def _upsert_devices(conn: AsyncConnection[Any], params: dict[str, Any],
-                          batch: Batch) -> None:
+async def _upsert_devices(
+    conn: AsyncConnection[Any], params: dict[str, Any], batch: Batch
+) -> None:
     # Sorted, so that concurrent batches lock shared rows in the same order.
     devices = sorted(batch.devices, key=lambda d: d.device_id)
-    await conn.execute(_UPSERT_DEVICES, params | {
-        "device_ids": [d.device_id for d in devices],
-        "names": [d.name for d in devices],
-        "manufacturers": [d.manufacturer for d in devices],
-        "models": [d.model for d in devices],
-        "serials": [d.serial for d in devices],
-        "versions": [d.version for d in devices],
-        "addresses": [d.address for d in devices],
-    })
+    await conn.execute(
+        _UPSERT_DEVICES,
+        params
+        | {
+            "device_ids": [d.device_id for d in devices],
+            "names": [d.name for d in devices],
+            "manufacturers": [d.manufacturer for d in devices],
+            "models": [d.model for d in devices],
+            "serials": [d.serial for d in devices],
+            "versions": [d.version for d in devices],
+            "addresses": [d.address for d in devices],
+        },
+    )
 
 
-async def _upsert_channels(conn: AsyncConnection[Any], params: dict[str, Any],
-                           batch: Batch) -> dict[tuple[str, str], int]:
+async def _upsert_channels(
+    conn: AsyncConnection[Any], params: dict[str, Any], batch: Batch
+) -> dict[tuple[str, str], int]:
     channels = batch.channels
-    await conn.execute(_UPSERT_CHANNELS, params | {
-        "device_ids": [c.device_id for c in channels],
-        "names": [c.name for c in channels],
-        "parameters": [c.parameter for c in channels],
-        "units": [c.unit for c in channels],
-    })
-    cur = await conn.execute(_SELECT_CHANNELS, params | {
-        "device_ids": sorted({c.device_id for c in channels}),
-    })
+    await conn.execute(
+        _UPSERT_CHANNELS,
+        params
+        | {
+            "device_ids": [c.device_id for c in channels],
+            "names": [c.name for c in channels],
+            "parameters": [c.parameter for c in channels],
+            "units": [c.unit for c in channels],
+        },
+    )
+    cur = await conn.execute(
+        _SELECT_CHANNELS,
+        params
+        | {
+            "device_ids": sorted({c.device_id for c in channels}),
+        },
+    )
     return {(device_id, name): id_ for device_id, name, id_ in await cur.fetchall()}
 
 
-async def _insert_readings(conn: AsyncConnection[Any], params: dict[str, Any],
-                           batch: Batch, channel_ids: dict[tuple[str, str], int]) -> int:
+async def _insert_readings(
+    conn: AsyncConnection[Any],
+    params: dict[str, Any],
+    batch: Batch,
+    channel_ids: dict[tuple[str, str], int],
+) -> int:
     if not batch.readings:
         return 0
     await conn.execute(_CREATE_STAGING)
     async with conn.cursor() as cur:
-        copy_sql = "COPY staging_readings (channel_id, time, value) FROM STDIN (FORMAT BINARY)"
+        copy_sql = (
+            "COPY staging_readings (channel_id, time, value) FROM STDIN (FORMAT BINARY)"
+        )
         async with cur.copy(copy_sql) as copy:
             copy.set_types(["int8", "timestamptz", "float8"])
             for r in batch.readings:
@@ -202,12 +238,17 @@ async def _insert_readings(conn: AsyncConnection[Any], params: dict[str, Any],
     return stored
 
 
-async def _update_states(conn: AsyncConnection[Any], params: dict[str, Any],
-                         batch: Batch) -> None:
+async def _update_states(
+    conn: AsyncConnection[Any], params: dict[str, Any], batch: Batch
+) -> None:
     if not batch.states:
         return
-    await conn.execute(_UPDATE_STATES, params | {
-        "device_ids": [s.device_id for s in batch.states],
-        "times": [to_datetime(s.time_ms) for s in batch.states],
-        "states": [s.state for s in batch.states],
-    })
+    await conn.execute(
+        _UPDATE_STATES,
+        params
+        | {
+            "device_ids": [s.device_id for s in batch.states],
+            "times": [to_datetime(s.time_ms) for s in batch.states],
+            "states": [s.state for s in batch.states],
+        },
+    )

@@ -15,7 +15,12 @@ from pathlib import Path
 import psycopg
 
 from collector import catalog, embedded
-from collector.config import EMBEDDED_CATALOG, EMBEDDED_SHARDS, DatabaseConfig, ShardConfig
+from collector.config import (
+    EMBEDDED_CATALOG,
+    EMBEDDED_SHARDS,
+    DatabaseConfig,
+    ShardConfig,
+)
 from collector.databases import dbname_of, dsn_without_password
 from collector.errors import DatabaseError
 
@@ -50,7 +55,7 @@ class Migration:
 
 @dataclass(frozen=True, slots=True)
 class Databases:
-    """Connection strings of the catalog and the shards, and the embedded server if any."""
+    """Connection strings of the catalog and shards, and the embedded server if any."""
 
     catalog_dsn: str
     shards: tuple[ShardConfig, ...]
@@ -87,7 +92,9 @@ def migrate(dsn: str, kind: str) -> list[Migration]:
             return [m for m in migrations(kind) if _apply(conn, m)]
     except psycopg.Error as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DatabaseError(f"cannot migrate {kind} database {label}: {first_line}") from err
+        raise DatabaseError(
+            f"cannot migrate {kind} database {label}: {first_line}"
+        ) from err
 
 
 def _create_migrations_table(conn: psycopg.Connection) -> None:
@@ -114,7 +121,7 @@ def _apply(conn: psycopg.Connection, migration: Migration) -> bool:
 
 
 def open_databases(config: DatabaseConfig) -> Databases:
-    """Resolve where the catalog and shards live, starting the embedded server if needed.
+    """Resolve the catalog and shard databases, starting the embedded server if needed.
 
     With an embedded server, the catalog and shard databases are created when missing.
     Configured servers are used as they are: their databases must exist.
@@ -125,13 +132,15 @@ def open_databases(config: DatabaseConfig) -> Databases:
     server = embedded.start(config.embedded_dir)
     catalog_dsn = server.create_database(EMBEDDED_CATALOG)
     shards = tuple(
-        ShardConfig(name, server.create_database(dbname)) for name, dbname in EMBEDDED_SHARDS
+        ShardConfig(name, server.create_database(dbname))
+        for name, dbname in EMBEDDED_SHARDS
     )
     return Databases(catalog_dsn, shards, server)
 
 
-def migrate_all(dbs: Databases, *, skip_unreachable_shards: bool = False
-                ) -> dict[str, list[Migration]]:
+def migrate_all(
+    dbs: Databases, *, skip_unreachable_shards: bool = False
+) -> dict[str, list[Migration]]:
     """Migrate the catalog and every shard, and register the shards in the catalog.
 
     Returns the migrations applied, by database ("catalog" or the shard's name). With
@@ -142,7 +151,9 @@ def migrate_all(dbs: Databases, *, skip_unreachable_shards: bool = False
     """
     applied = {"catalog": migrate(dbs.catalog_dsn, "catalog")}
     for shard in dbs.shards:
-        catalog.register_shard(dbs.catalog_dsn, shard.name, dsn_without_password(shard.dsn))
+        catalog.register_shard(
+            dbs.catalog_dsn, shard.name, dsn_without_password(shard.dsn)
+        )
         try:
             applied[shard.name] = migrate(shard.dsn, "shard")
         except DatabaseError as err:
@@ -152,7 +163,9 @@ def migrate_all(dbs: Databases, *, skip_unreachable_shards: bool = False
     return applied
 
 
-def prepare(config: DatabaseConfig, *, skip_unreachable_shards: bool = False) -> Databases:
+def prepare(
+    config: DatabaseConfig, *, skip_unreachable_shards: bool = False
+) -> Databases:
     """Open (see `open_databases`) and migrate the catalog and the shards."""
     dbs = open_databases(config)
     try:
@@ -161,4 +174,3 @@ def prepare(config: DatabaseConfig, *, skip_unreachable_shards: bool = False) ->
         dbs.close()
         raise
     return dbs
-

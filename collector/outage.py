@@ -28,6 +28,8 @@ class Outage:
         """End an outage, logging how many requests failed during it."""
         if self._failures:
             self._logger.info(
-                "%s available again after %d failed requests", self._name, self._failures
+                "%s available again after %d failed requests",
+                self._name,
+                self._failures,
             )
             self._failures = 0

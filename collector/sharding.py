@@ -29,14 +29,23 @@ class ShardPools:
     A pool retries a failed connection with growing delays, and gives up after
     `reconnect_timeout`; the next request then starts a fresh attempt at once. Setting
     it to the request timeout bounds how long a recovered shard waits to be used again.
+
+    NOTE: after a network cut every pooled connection fails its check, and psycopg_pool
+    3.3 waits about a second between such checks. A timeout under about 2 seconds can
+    therefore fail the first request after a cut although the shard is reachable again.
     """
 
     def __init__(self, shards: Sequence[ShardConfig], timeout: float) -> None:
         self._timeout = timeout
         self._pools = {
             shard.name: AsyncConnectionPool(
-                shard.dsn, min_size=1, max_size=POOL_MAX_SIZE, open=False,
-                name=shard.name, timeout=timeout, reconnect_timeout=timeout,
+                shard.dsn,
+                min_size=1,
+                max_size=POOL_MAX_SIZE,
+                open=False,
+                name=shard.name,
+                timeout=timeout,
+                reconnect_timeout=timeout,
                 check=AsyncConnectionPool.check_connection,
             )
             for shard in shards
@@ -49,7 +58,7 @@ class ShardPools:
         return list(self._pools)
 
     async def open(self) -> None:
-        """Start the pools; connecting goes on in the background, so a down shard waits."""
+        """Start the pools. They connect in the background, so a down shard waits."""
         for pool in self._pools.values():
             await pool.open(wait=False)
 
@@ -63,7 +72,9 @@ class ShardPools:
         return self._outages[shard].down
 
     @asynccontextmanager
-    async def connection(self, shard: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def connection(
+        self, shard: str
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """Lend a connection of `shard`.
 
         :raises ShardUnavailable: the shard is not configured, no connection came within
@@ -76,7 +87,11 @@ class ShardPools:
         try:
             async with pool.connection() as conn:
                 yield conn
-        except psycopg.OperationalError as err:  # includes PoolTimeout, lost connections
+        except (
+            psycopg.OperationalError
+        ) as err:  # includes PoolTimeout, lost connections
             outage.failed(err)
-            raise ShardUnavailable(f"shard {shard} is unavailable, retry later") from err
+            raise ShardUnavailable(
+                f"shard {shard} is unavailable, retry later"
+            ) from err
         outage.recovered()

@@ -93,17 +93,24 @@ def _create_set(admin_dsn: str) -> CollectorDatabases:
     for name in names:
         _created_databases.add(name)
         create_database(admin_dsn, name)
-    shards = (ShardConfig("shard-1", dsn_for(admin_dsn, names[1])),
-              ShardConfig("shard-2", dsn_for(admin_dsn, names[2])))
+    shards = (
+        ShardConfig("shard-1", dsn_for(admin_dsn, names[1])),
+        ShardConfig("shard-2", dsn_for(admin_dsn, names[2])),
+    )
     return CollectorDatabases(admin_dsn, dsn_for(admin_dsn, names[0]), shards)
 
 
 def _empty_tables(dsn: str) -> None:
     """Delete every row except the schema's version and the shard map; restart ids."""
     with psycopg.connect(dsn) as conn:
-        tables = [row[0] for row in conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-            "AND tablename <> ALL(%s)", (list(_KEEP_TABLES),))]
+        tables = [
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                "AND tablename <> ALL(%s)",
+                (list(_KEEP_TABLES),),
+            )
+        ]
         if tables:
             names = sql.SQL(", ").join(sql.Identifier(t) for t in tables)
             conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(names))
@@ -191,11 +198,14 @@ class TcpProxy:
             writer.transport.abort()
         self._writers.clear()
 
-    async def _handle(self, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             if self._unix_path:
-                up_reader, up_writer = await asyncio.open_unix_connection(self._unix_path)
+                up_reader, up_writer = await asyncio.open_unix_connection(
+                    self._unix_path
+                )
             else:
                 up_reader, up_writer = await asyncio.open_connection(*self._address)
         except OSError:
@@ -206,8 +216,9 @@ class TcpProxy:
             up_writer.transport.abort()
             return
         self._writers |= {writer, up_writer}
-        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer),
-                             return_exceptions=True)
+        await asyncio.gather(
+            _pipe(reader, up_writer), _pipe(up_reader, writer), return_exceptions=True
+        )
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -221,7 +232,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 @pytest.fixture
 def proxy_factory() -> Iterator[type[TcpProxy]]:
-    """Make started TcpProxy instances for target DSNs; all are closed after the test."""
+    """Make started TcpProxy instances for target DSNs, closed after the test."""
     proxies: list[TcpProxy] = []
 
     def make(target_dsn: str) -> TcpProxy:

@@ -16,7 +16,9 @@ NOW = 1_764_864_000_000
 
 def body(**changes: Any) -> bytes:
     data = {
-        "format": 1, "batch_id": "b-1", "gateway_id": "gw-a",
+        "format": 1,
+        "batch_id": "b-1",
+        "gateway_id": "gw-a",
         "devices": [{"device_id": "sn-1", "name": "inverter", "serial": "sn-1"}],
         "channels": [{"device_id": "sn-1", "name": "701.W", "unit": "W"}],
         "readings": [["sn-1", "701.W", NOW, 9800], ["sn-1", "701.W", NOW + 1, None]],
@@ -29,11 +31,14 @@ def test_parse_valid_batch() -> None:
     parsed = batch.parse(body(), now_ms=NOW)
 
     assert parsed == batch.Batch(
-        batch_id="b-1", gateway_id="gw-a",
+        batch_id="b-1",
+        gateway_id="gw-a",
         devices=(Device("sn-1", name="inverter", serial="sn-1"),),
         channels=(Channel("sn-1", "701.W", "W"),),
-        readings=(Reading("sn-1", "701.W", NOW, 9800.0),
-                  Reading("sn-1", "701.W", NOW + 1, None)),
+        readings=(
+            Reading("sn-1", "701.W", NOW, 9800.0),
+            Reading("sn-1", "701.W", NOW + 1, None),
+        ),
         states=(State("sn-1", NOW, "online"),),
     )
 
@@ -50,33 +55,60 @@ REJECTED = [
     (body(batch_id=""), "batch_id must be a string of 1-200 characters, got ''"),
     (body(gateway_id=7), "gateway_id must be a string of 1-200 characters, got 7"),
     (body(devices={}), "devices must be an array, got dict"),
-    (body(devices=[{"device_id": "sn-1"}, {"device_id": "sn-1"}]),
-     "devices[1].device_id 'sn-1' is listed twice"),
-    (body(devices=[{"device_id": "sn-1", "model": 5}]),
-     "devices[0].model must be a string of at most 200 characters or null, got 5"),
-    (body(channels=[{"device_id": "sn-9", "name": "701.W"}]),
-     "channels[0].device_id 'sn-9' is not listed in devices"),
-    (body(channels=[{"device_id": "sn-1", "name": "701.W", "unit": "x" * 40}]),
-     "channels[0].unit must be a string of at most 32 characters or null, "
-     "got 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx..."),
-    (body(readings=[["sn-1", "701.W", NOW]]), "readings[0] must be an array of 4 elements"),
-    (body(readings=[["sn-1", "701.W", float(NOW), 1]]),
-     "readings[0]: time must be an integer of Unix milliseconds"),
-    (body(readings=[["sn-1", "701.W", NOW + 86_400_001, 1]]),
-     "readings[0]: time 1764950400001 ms is outside 946684800000..1764950400000: "
-     "check the gateway clock"),
-    (body(readings=[["sn-1", "701.W", NOW, True]]),
-     "readings[0]: value must be a number or null, got True"),
-    (body(readings=[["sn-1", "701.W", NOW, 10**400]]),
-     "readings[0]: value 1000000000000000000000000000000000000... is not finite: "
-     "send null instead"),
-    (body(readings=[["sn-1", "701.W", NOW, 1e308 * 10]]),
-     "body is not valid JSON: Infinity is not a JSON number"),
-    (body(states=[["sn-1", NOW, "asleep"]]),
-     "states[0]: state 'asleep' is unknown: use one of malformed, not-sunspec, offline, "
-     "online, refused, sleeping"),
-    (body(readings=[["sn-1", "701.W", NOW, 1]] * (batch.MAX_READINGS + 1)),
-     "readings has 200001 elements, more than the limit of 200000: send smaller batches"),
+    (
+        body(devices=[{"device_id": "sn-1"}, {"device_id": "sn-1"}]),
+        "devices[1].device_id 'sn-1' is listed twice",
+    ),
+    (
+        body(devices=[{"device_id": "sn-1", "model": 5}]),
+        "devices[0].model must be a string of at most 200 characters or null, got 5",
+    ),
+    (
+        body(channels=[{"device_id": "sn-9", "name": "701.W"}]),
+        "channels[0].device_id 'sn-9' is not listed in devices",
+    ),
+    (
+        body(channels=[{"device_id": "sn-1", "name": "701.W", "unit": "x" * 40}]),
+        "channels[0].unit must be a string of at most 32 characters or null, "
+        "got 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...",
+    ),
+    (
+        body(readings=[["sn-1", "701.W", NOW]]),
+        "readings[0] must be an array of 4 elements",
+    ),
+    (
+        body(readings=[["sn-1", "701.W", float(NOW), 1]]),
+        "readings[0]: time must be an integer of Unix milliseconds",
+    ),
+    (
+        body(readings=[["sn-1", "701.W", NOW + 86_400_001, 1]]),
+        "readings[0]: time 1764950400001 ms is outside 946684800000..1764950400000: "
+        "check the gateway clock",
+    ),
+    (
+        body(readings=[["sn-1", "701.W", NOW, True]]),
+        "readings[0]: value must be a number or null, got True",
+    ),
+    (
+        body(readings=[["sn-1", "701.W", NOW, 10**400]]),
+        "readings[0]: value 1000000000000000000000000000000000000... is not finite: "
+        "send null instead",
+    ),
+    (
+        body(readings=[["sn-1", "701.W", NOW, 1e308 * 10]]),
+        "body is not valid JSON: Infinity is not a JSON number",
+    ),
+    (
+        body(states=[["sn-1", NOW, "asleep"]]),
+        "states[0]: state 'asleep' is unknown: use one of malformed, not-sunspec, "
+        "offline, "
+        "online, refused, sleeping",
+    ),
+    (
+        body(readings=[["sn-1", "701.W", NOW, 1]] * (batch.MAX_READINGS + 1)),
+        "readings has 200001 elements, more than the limit of 200000: "
+        "send smaller batches",
+    ),
 ]
 
 
@@ -92,6 +124,9 @@ def test_batch_rejected(data: bytes, message: str) -> None:
 def test_infinite_float_rejected() -> None:
     text = body().replace(b"9800", b"1e999")
 
-    with pytest.raises(BatchRejected, match=r"^readings\[0\]: value inf is not finite: "
-                                            r"send null instead$"):
+    with pytest.raises(
+        BatchRejected,
+        match=r"^readings\[0\]: value inf is not finite: "
+        r"send null instead$",
+    ):
         batch.parse(text, now_ms=NOW)

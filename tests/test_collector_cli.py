@@ -16,8 +16,9 @@ pytestmark = pytest.mark.postgres
 
 
 def write_config(path: Path, dbs: CollectorDatabases) -> Path:
-    shards = "".join(f'\n[[shards]]\nname = "{s.name}"\ndsn = "{s.dsn}"\n'
-                     for s in dbs.shards)
+    shards = "".join(
+        f'\n[[shards]]\nname = "{s.name}"\ndsn = "{s.dsn}"\n' for s in dbs.shards
+    )
     path.write_text(f'[database]\ncatalog = "{dbs.catalog_dsn}"\n{shards}')
     return path
 
@@ -32,54 +33,100 @@ def run(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def test_migrate_prints_applied(tmp_path: Path, empty_databases: CollectorDatabases) -> None:
+def test_migrate_prints_applied(
+    tmp_path: Path, empty_databases: CollectorDatabases
+) -> None:
     config = str(write_config(tmp_path / "c.toml", empty_databases))
 
     first = run("migrate", "--config", config)
     second = run("migrate", "--config", config)
 
-    assert first == (0, "catalog: 0001_catalog\nshard-1: 0001_shard\n"
-                        "shard-2: 0001_shard\n", "")
-    assert second == (0, "catalog: up to date\nshard-1: up to date\n"
-                         "shard-2: up to date\n", "")
+    assert first == (
+        0,
+        "catalog: 0001_catalog\nshard-1: 0001_shard\nshard-2: 0001_shard\n",
+        "",
+    )
+    assert second == (
+        0,
+        "catalog: up to date\nshard-1: up to date\nshard-2: up to date\n",
+        "",
+    )
 
 
 def test_owners_add(config_file: str) -> None:
-    assert run("owners", "add", "Alice Meyer", "--email", "alice@example.org",
-               "-c", config_file) == (0, "added owner 1: Alice Meyer\n", "")
+    assert run(
+        "owners",
+        "add",
+        "Alice Meyer",
+        "--email",
+        "alice@example.org",
+        "-c",
+        config_file,
+    ) == (0, "added owner 1: Alice Meyer\n", "")
 
 
 def test_installations_add_least_loaded(config_file: str) -> None:
     run("owners", "add", "Alice", "-c", config_file)
 
     first = run("installations", "add", "Roof A", "--owner", "1", "-c", config_file)
-    second = run("installations", "add", "Barn B", "--owner", "1",
-                 "--timezone", "Europe/Zurich", "-c", config_file)
-    third = run("installations", "add", "Shed C", "--owner", "1", "--shard", "shard-2",
-                "-c", config_file)
+    second = run(
+        "installations",
+        "add",
+        "Barn B",
+        "--owner",
+        "1",
+        "--timezone",
+        "Europe/Zurich",
+        "-c",
+        config_file,
+    )
+    third = run(
+        "installations",
+        "add",
+        "Shed C",
+        "--owner",
+        "1",
+        "--shard",
+        "shard-2",
+        "-c",
+        config_file,
+    )
 
-    assert first == (0, "added installation 1: Roof A (owner 1, shard shard-1, "
-                        "timezone UTC)\n", "")
-    assert second == (0, "added installation 2: Barn B (owner 1, shard shard-2, "
-                         "timezone Europe/Zurich)\n", "")
-    assert third == (0, "added installation 3: Shed C (owner 1, shard shard-2, "
-                        "timezone UTC)\n", "")
+    assert first == (
+        0,
+        "added installation 1: Roof A (owner 1, shard shard-1, timezone UTC)\n",
+        "",
+    )
+    assert second == (
+        0,
+        "added installation 2: Barn B (owner 1, shard shard-2, "
+        "timezone Europe/Zurich)\n",
+        "",
+    )
+    assert third == (
+        0,
+        "added installation 3: Shed C (owner 1, shard shard-2, timezone UTC)\n",
+        "",
+    )
 
 
-def test_gateways_add_prints_token_once(config_file: str,
-                                        collector_databases: CollectorDatabases) -> None:
+def test_gateways_add_prints_token_once(
+    config_file: str, collector_databases: CollectorDatabases
+) -> None:
     run("owners", "add", "Alice", "-c", config_file)
     run("installations", "add", "Roof A", "--owner", "1", "-c", config_file)
 
-    code, out, err = run("gateways", "add", "gw-a", "--installation", "1",
-                         "-c", config_file)
+    code, out, err = run(
+        "gateways", "add", "gw-a", "--installation", "1", "-c", config_file
+    )
 
     lines = out.splitlines()
     assert (code, err) == (0, "")
     assert lines[0] == "added gateway gw-a to installation 1"
     assert lines[1].startswith("token: ")
-    assert lines[2] == ("The token is shown only once: put it in the agent's "
-                        "[collector] token.")
+    assert lines[2] == (
+        "The token is shown only once: put it in the agent's [collector] token."
+    )
     token = lines[1].removeprefix("token: ")
     with psycopg.connect(collector_databases.catalog_dsn) as conn:
         stored = conn.execute("SELECT token_hash FROM gateways").fetchone()[0]
@@ -92,7 +139,10 @@ def test_gateways_revoke(config_file: str) -> None:
     run("gateways", "add", "gw-a", "--installation", "1", "-c", config_file)
 
     assert run("gateways", "revoke", "gw-a", "-c", config_file) == (
-        0, "revoked gateway gw-a\n", "")
+        0,
+        "revoked gateway gw-a\n",
+        "",
+    )
 
 
 def test_keys_add(config_file: str) -> None:
@@ -104,31 +154,64 @@ def test_keys_add(config_file: str) -> None:
 
 
 ERRORS = [
-    (["installations", "add", "Roof", "--owner", "7"],
-     "error: owner 7 not found: use the id printed by `owners add`\n"),
-    (["gateways", "add", "gw-a", "--installation", "9"],
-     "error: installation 9 not found: use the id printed by `installations add`\n"),
-    (["gateways", "revoke", "gw-x"], "error: gateway 'gw-x' not found: check the gateway id\n"),
-    (["owners", "add", "Bob", "--email", "bob"],
-     "error: email 'bob' is invalid: use an address like ops@example.org\n"),
+    (
+        ["installations", "add", "Roof", "--owner", "7"],
+        "error: owner 7 not found: use the id printed by `owners add`\n",
+    ),
+    (
+        ["gateways", "add", "gw-a", "--installation", "9"],
+        "error: installation 9 not found: use the id printed by `installations add`\n",
+    ),
+    (
+        ["gateways", "revoke", "gw-x"],
+        "error: gateway 'gw-x' not found: check the gateway id\n",
+    ),
+    (
+        ["owners", "add", "Bob", "--email", "bob"],
+        "error: email 'bob' is invalid: use an address like ops@example.org\n",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("args", "expected"), ERRORS)
-def test_command_error_one_line(config_file: str, args: list[str], expected: str) -> None:
+def test_command_error_one_line(
+    config_file: str, args: list[str], expected: str
+) -> None:
     assert run(*args, "-c", config_file) == (2, "", expected)
 
 
 def test_installation_unknown_shard(config_file: str) -> None:
     run("owners", "add", "Alice", "-c", config_file)
 
-    assert run("installations", "add", "Roof", "--owner", "1", "--shard", "shard-9",
-               "--timezone", "Mars/Olympus", "-c", config_file) == (
-        2, "", "error: timezone 'Mars/Olympus' is unknown: use an IANA name like "
-               "Europe/Zurich\n")
-    assert run("installations", "add", "Roof", "--owner", "1", "--shard", "shard-9",
-               "-c", config_file) == (
-        2, "", "error: shard 'shard-9' not found: use one of shard-1, shard-2\n")
+    assert run(
+        "installations",
+        "add",
+        "Roof",
+        "--owner",
+        "1",
+        "--shard",
+        "shard-9",
+        "--timezone",
+        "Mars/Olympus",
+        "-c",
+        config_file,
+    ) == (
+        2,
+        "",
+        "error: timezone 'Mars/Olympus' is unknown: use an IANA name like "
+        "Europe/Zurich\n",
+    )
+    assert run(
+        "installations",
+        "add",
+        "Roof",
+        "--owner",
+        "1",
+        "--shard",
+        "shard-9",
+        "-c",
+        config_file,
+    ) == (2, "", "error: shard 'shard-9' not found: use one of shard-1, shard-2\n")
 
 
 def test_gateway_id_taken(config_file: str) -> None:
@@ -137,7 +220,10 @@ def test_gateway_id_taken(config_file: str) -> None:
     run("gateways", "add", "gw-a", "--installation", "1", "-c", config_file)
 
     assert run("gateways", "add", "gw-a", "--installation", "1", "-c", config_file) == (
-        2, "", "error: gateway 'gw-a' already exists: choose another gateway id\n")
+        2,
+        "",
+        "error: gateway 'gw-a' already exists: choose another gateway id\n",
+    )
 
 
 def test_bad_config_one_line(tmp_path: Path) -> None:
@@ -145,19 +231,26 @@ def test_bad_config_one_line(tmp_path: Path) -> None:
     path.write_text("[server]\nport = 80800\n")
 
     assert run("migrate", "-c", str(path)) == (
-        2, "", "error: [server] port must be an integer from 0 to 65535, got 80800\n")
+        2,
+        "",
+        "error: [server] port must be an integer from 0 to 65535, got 80800\n",
+    )
 
 
 def test_unreachable_catalog_one_line(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text('[database]\ncatalog = "host=127.0.0.1 port=1 dbname=c"\n'
-                    '[[shards]]\nname = "s1"\ndsn = "host=127.0.0.1 port=1 dbname=s"\n')
+    path.write_text(
+        '[database]\ncatalog = "host=127.0.0.1 port=1 dbname=c"\n'
+        '[[shards]]\nname = "s1"\ndsn = "host=127.0.0.1 port=1 dbname=s"\n'
+    )
 
     code, out, err = run("owners", "add", "Alice", "-c", str(path))
 
     assert (code, out) == (2, "")
-    assert err.startswith("error: cannot reach catalog database dbname=c "
-                          "host=127.0.0.1 port=1: connection failed")
+    assert err.startswith(
+        "error: cannot reach catalog database dbname=c "
+        "host=127.0.0.1 port=1: connection failed"
+    )
     assert err.count("\n") == 1
 
 

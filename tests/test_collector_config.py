@@ -19,10 +19,15 @@ def test_example_config_loads() -> None:
     assert loaded.server.port == 8080
     assert loaded.server.max_batch_bytes == 16 * 1024 * 1024
     assert loaded.database.catalog == (
-        "postgresql://solarfleet@127.0.0.1:5432/solarfleet_catalog")
+        "postgresql://solarfleet@127.0.0.1:5432/solarfleet_catalog"
+    )
     assert loaded.database.shards == (
-        ShardConfig("shard-1", "postgresql://solarfleet@127.0.0.1:5432/solarfleet_shard_1"),
-        ShardConfig("shard-2", "postgresql://solarfleet@127.0.0.1:5432/solarfleet_shard_2"),
+        ShardConfig(
+            "shard-1", "postgresql://solarfleet@127.0.0.1:5432/solarfleet_shard_1"
+        ),
+        ShardConfig(
+            "shard-2", "postgresql://solarfleet@127.0.0.1:5432/solarfleet_shard_2"
+        ),
     )
 
 
@@ -42,35 +47,69 @@ def test_embedded_dir_expanded() -> None:
 
 
 BAD = [
-    ({"serve": {}}, "unknown key serve: remove it or use one of server, database, shards"),
-    ({"server": {"prot": 1}}, "unknown key [server] prot: remove it or use one of host, "
-                              "port, max_batch_bytes, shard_timeout, auth_cache_seconds"),
-    ({"server": {"port": "80"}}, "[server] port must be an integer from 0 to 65535, "
-                                 "got '80'"),
-    ({"server": {"port": True}}, "[server] port must be an integer from 0 to 65535, "
-                                 "got True"),
-    ({"server": {"max_batch_bytes": 10}},
-     "[server] max_batch_bytes must be an integer from 1024 to 2147483648, got 10"),
-    ({"server": {"shard_timeout": 0}},
-     "[server] shard_timeout must be a positive number of seconds, got 0"),
+    (
+        {"serve": {}},
+        "unknown key serve: remove it or use one of server, database, shards",
+    ),
+    (
+        {"server": {"prot": 1}},
+        "unknown key [server] prot: remove it or use one of host, "
+        "port, max_batch_bytes, shard_timeout, auth_cache_seconds",
+    ),
+    (
+        {"server": {"port": "80"}},
+        "[server] port must be an integer from 0 to 65535, got '80'",
+    ),
+    (
+        {"server": {"port": True}},
+        "[server] port must be an integer from 0 to 65535, got True",
+    ),
+    (
+        {"server": {"max_batch_bytes": 10}},
+        "[server] max_batch_bytes must be an integer from 1024 to 2147483648, got 10",
+    ),
+    (
+        {"server": {"shard_timeout": 0}},
+        "[server] shard_timeout must be a positive number of seconds, got 0",
+    ),
     ({"server": []}, "server must be a table: write it as [server]"),
-    ({"shards": [{"name": "s", "dsn": "x"}]},
-     "[[shards]] needs a catalog: set [database] catalog, or remove every [[shards]] "
-     "table to use the embedded PostgreSQL"),
-    ({"database": {"catalog": "x"}},
-     "no [[shards]] table: add one [[shards]] table with name and dsn per shard"),
-    ({"database": {"catalog": ""}, "shards": [{"name": "s", "dsn": "x"}]},
-     "[database] catalog is empty: set a PostgreSQL connection string"),
-    ({"database": {"catalog": "x"}, "shards": [{"name": "S 1", "dsn": "x"}]},
-     "[shards[0]] name 'S 1' is invalid: use 1-63 lowercase letters, digits, '-' or "
-     "'_', starting with a letter or digit"),
-    ({"database": {"catalog": "x"},
-      "shards": [{"name": "a", "dsn": "x"}, {"name": "a", "dsn": "y"}]},
-     "[shards[1]] name 'a' is used twice: give each shard its own"),
-    ({"database": {"catalog": "x"}, "shards": [{"name": "a"}]},
-     "[shards[0]] dsn is missing: set a PostgreSQL connection string"),
-    ({"database": {"catalog": "x"}, "shards": [{"name": "a", "dsn": "x", "pool": 3}]},
-     "unknown key [shards[0]] pool: remove it or use one of name, dsn"),
+    (
+        {"shards": [{"name": "s", "dsn": "x"}]},
+        "[[shards]] needs a catalog: set [database] catalog, or remove every "
+        "[[shards]] "
+        "table to use the embedded PostgreSQL",
+    ),
+    (
+        {"database": {"catalog": "x"}},
+        "no [[shards]] table: add one [[shards]] table with name and dsn per shard",
+    ),
+    (
+        {"database": {"catalog": ""}, "shards": [{"name": "s", "dsn": "x"}]},
+        "[database] catalog is empty: set a PostgreSQL connection string",
+    ),
+    (
+        {"database": {"catalog": "x"}, "shards": [{"name": "S 1", "dsn": "x"}]},
+        "[shards[0]] name 'S 1' is invalid: use 1-63 lowercase letters, digits, '-' or "
+        "'_', starting with a letter or digit",
+    ),
+    (
+        {
+            "database": {"catalog": "x"},
+            "shards": [{"name": "a", "dsn": "x"}, {"name": "a", "dsn": "y"}],
+        },
+        "[shards[1]] name 'a' is used twice: give each shard its own",
+    ),
+    (
+        {"database": {"catalog": "x"}, "shards": [{"name": "a"}]},
+        "[shards[0]] dsn is missing: set a PostgreSQL connection string",
+    ),
+    (
+        {
+            "database": {"catalog": "x"},
+            "shards": [{"name": "a", "dsn": "x", "pool": 3}],
+        },
+        "unknown key [shards[0]] pool: remove it or use one of name, dsn",
+    ),
 ]
 
 
@@ -83,8 +122,11 @@ def test_bad_config_rejected(data: dict, message: str) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^config file .*nope.toml not found: check "
-                                          r"the path$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config file .*nope.toml not found: check "
+        r"the path$",
+    ):
         config.load(tmp_path / "nope.toml")
 
 

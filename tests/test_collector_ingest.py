@@ -6,51 +6,30 @@ import gzip
 import json
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import pytest
-from aiohttp import ClientSession
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from collector import catalog
-from collector.app import create_app
+from collector_http import (
+    READINGS_A,
+    T0,
+    Fleet,
+    add_fleet,
+    make_batch,
+    post,
+    start_client,
+)
 from conftest import CollectorDatabases
 
 pytestmark = pytest.mark.postgres
 
-T0 = 1_764_864_000_000  # 2025-12-04 16:00:00 UTC
-
-
-@dataclass(frozen=True)
-class Fleet:
-    """Two installations, one per shard, each with one gateway, and an operator key."""
-
-    dbs: CollectorDatabases
-    installation_a: int
-    installation_b: int
-    token_a: str
-    token_b: str
-    operator_key: str
-
 
 @pytest.fixture
 def fleet(collector_databases: CollectorDatabases) -> Fleet:
-    dsn = collector_databases.catalog_dsn
-    owner = catalog.add_owner(dsn, "Alice Meyer")
-    site_a = catalog.add_installation(dsn, "Roof A", owner.id, shard="shard-1")
-    site_b = catalog.add_installation(dsn, "Barn B", owner.id, shard="shard-2")
-    _, token_a = catalog.add_gateway(dsn, "gw-a", site_a.id)
-    _, token_b = catalog.add_gateway(dsn, "gw-b", site_b.id)
-    _, key = catalog.add_key(dsn, "ops")
-    return Fleet(collector_databases, site_a.id, site_b.id, token_a, token_b, key)
-
-
-async def start_client(config: Any) -> TestClient:
-    client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
-    await client.start_server()
-    return client
+    return add_fleet(collector_databases)
 
 
 @pytest.fixture
@@ -58,36 +37,6 @@ async def client(fleet: Fleet) -> AsyncIterator[TestClient]:
     client = await start_client(fleet.dbs.config(max_batch_bytes=4096))
     yield client
     await client.close()
-
-
-def make_batch(gateway_id: str, readings: list[list[Any]], *,
-               batch_id: str | None = None, states: list[list[Any]] | None = None
-               ) -> dict[str, Any]:
-    channels = sorted({(r[0], r[1]) for r in readings})
-    devices = sorted({r[0] for r in readings} | {s[0] for s in states or []})
-    return {
-        "format": 1,
-        "batch_id": batch_id or str(uuid.uuid4()),
-        "gateway_id": gateway_id,
-        "devices": [{"device_id": d, "name": f"inverter {d}", "manufacturer": "SunSpecTest",
-                     "model": "Test-1547-1", "serial": d, "version": "1.2.3",
-                     "address": "127.0.0.1:5020/1"} for d in devices],
-        "channels": [{"device_id": d, "name": c, "unit": "W" if c.endswith("W") else "V"}
-                     for d, c in channels],
-        "readings": readings,
-        "states": states or [],
-    }
-
-
-async def post(client: TestClient, token: str, body: dict[str, Any] | bytes, *,
-               gzipped: bool = True) -> tuple[int, dict[str, Any]]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    if gzipped:
-        data = gzip.compress(data)
-        headers["Content-Encoding"] = "gzip"
-    response = await client.post("/api/v1/batches", data=data, headers=headers)
-    return response.status, await response.json()
 
 
 def stored_readings(dsn: str) -> list[tuple[Any, ...]]:
@@ -103,14 +52,6 @@ def stored_readings(dsn: str) -> list[tuple[Any, ...]]:
 def count(dsn: str, table: str) -> int:
     with psycopg.connect(dsn) as conn:
         return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-
-
-READINGS_A = [
-    ["sn-1", "701.W", T0, 9800.0],
-    ["sn-1", "701.W", T0 + 10_000, 9750.5],
-    ["sn-1", "701.PhVphB", T0, None],
-    ["sn-2", "160.module[2].DCW", T0, 1234],
-]
 
 
 async def test_batch_stored_on_own_shard_only(client: TestClient, fleet: Fleet) -> None:
@@ -130,23 +71,42 @@ async def test_batch_stored_on_own_shard_only(client: TestClient, fleet: Fleet) 
     assert count(fleet.dbs.shard_dsn("shard-2"), "devices") == 0
 
 
-async def test_batch_registers_devices_and_channels(client: TestClient,
-                                                     fleet: Fleet) -> None:
+async def test_batch_registers_devices_and_channels(
+    client: TestClient, fleet: Fleet
+) -> None:
     await post(client, fleet.token_a, make_batch("gw-a", READINGS_A))
 
     with psycopg.connect(fleet.dbs.shard_dsn("shard-1")) as conn:
         devices = conn.execute(
             "SELECT installation_id, device_id, name, manufacturer, model, serial, "
-            "version, address FROM devices ORDER BY device_id").fetchall()
+            "version, address FROM devices ORDER BY device_id"
+        ).fetchall()
         channels = conn.execute(
             "SELECT c.installation_id, d.device_id, c.name, c.parameter, c.unit "
-            "FROM channels c JOIN devices d ON d.id = c.device_id ORDER BY 2, 3").fetchall()
+            "FROM channels c JOIN devices d ON d.id = c.device_id ORDER BY 2, 3"
+        ).fetchall()
     inst = fleet.installation_a
     assert devices == [
-        (inst, "sn-1", "inverter sn-1", "SunSpecTest", "Test-1547-1", "sn-1", "1.2.3",
-         "127.0.0.1:5020/1"),
-        (inst, "sn-2", "inverter sn-2", "SunSpecTest", "Test-1547-1", "sn-2", "1.2.3",
-         "127.0.0.1:5020/1"),
+        (
+            inst,
+            "sn-1",
+            "inverter sn-1",
+            "SunSpecTest",
+            "Test-1547-1",
+            "sn-1",
+            "1.2.3",
+            "127.0.0.1:5020/1",
+        ),
+        (
+            inst,
+            "sn-2",
+            "inverter sn-2",
+            "SunSpecTest",
+            "Test-1547-1",
+            "sn-2",
+            "1.2.3",
+            "127.0.0.1:5020/1",
+        ),
     ]
     assert channels == [
         (inst, "sn-1", "701.PhVphB", "PhVphB", "V"),
@@ -156,8 +116,9 @@ async def test_batch_registers_devices_and_channels(client: TestClient,
 
 
 async def test_batch_identity_encoding(client: TestClient, fleet: Fleet) -> None:
-    status, reply = await post(client, fleet.token_a, make_batch("gw-a", READINGS_A),
-                               gzipped=False)
+    status, reply = await post(
+        client, fleet.token_a, make_batch("gw-a", READINGS_A), gzipped=False
+    )
 
     assert status == 200
     assert reply["stored"] == 4
@@ -170,15 +131,22 @@ async def test_resent_batch_stored_once(client: TestClient, fleet: Fleet) -> Non
     second = await post(client, fleet.token_a, batch)
 
     assert first == (200, {"batch_id": batch["batch_id"], "stored": 4, "duplicates": 0})
-    assert second == (200, {"batch_id": batch["batch_id"], "stored": 0, "duplicates": 4})
+    assert second == (
+        200,
+        {"batch_id": batch["batch_id"], "stored": 0, "duplicates": 4},
+    )
     assert count(fleet.dbs.shard_dsn("shard-1"), "readings") == 4
     assert count(fleet.dbs.shard_dsn("shard-1"), "batches") == 1
 
 
-async def test_half_resent_batch_stores_new_half(client: TestClient,
-                                                 fleet: Fleet) -> None:
+async def test_half_resent_batch_stores_new_half(
+    client: TestClient, fleet: Fleet
+) -> None:
     old = READINGS_A[:2]
-    new = [["sn-1", "701.W", T0 + 20_000, 9700.0], ["sn-1", "701.W", T0 + 30_000, 9650.0]]
+    new = [
+        ["sn-1", "701.W", T0 + 20_000, 9700.0],
+        ["sn-1", "701.W", T0 + 30_000, 9650.0],
+    ]
     await post(client, fleet.token_a, make_batch("gw-a", old))
 
     status, reply = await post(client, fleet.token_a, make_batch("gw-a", old + new))
@@ -187,12 +155,17 @@ async def test_half_resent_batch_stores_new_half(client: TestClient,
     assert reply["stored"] == 2
     assert reply["duplicates"] == 2
     values = [row[3:] for row in stored_readings(fleet.dbs.shard_dsn("shard-1"))]
-    assert values == [(T0, 9800.0), (T0 + 10_000, 9750.5), (T0 + 20_000, 9700.0),
-                      (T0 + 30_000, 9650.0)]
+    assert values == [
+        (T0, 9800.0),
+        (T0 + 10_000, 9750.5),
+        (T0 + 20_000, 9700.0),
+        (T0 + 30_000, 9650.0),
+    ]
 
 
-async def test_repeated_reading_in_batch_stored_once(client: TestClient,
-                                                     fleet: Fleet) -> None:
+async def test_repeated_reading_in_batch_stored_once(
+    client: TestClient, fleet: Fleet
+) -> None:
     readings = [["sn-1", "701.W", T0, 1.0], ["sn-1", "701.W", T0, 1.0]]
 
     status, reply = await post(client, fleet.token_a, make_batch("gw-a", readings))
@@ -202,13 +175,17 @@ async def test_repeated_reading_in_batch_stored_once(client: TestClient,
     assert reply["duplicates"] == 1
 
 
-async def test_same_batch_id_other_installation(client: TestClient, fleet: Fleet) -> None:
+async def test_same_batch_id_other_installation(
+    client: TestClient, fleet: Fleet
+) -> None:
     batch_id = str(uuid.uuid4())
 
-    status_a, _ = await post(client, fleet.token_a,
-                             make_batch("gw-a", READINGS_A, batch_id=batch_id))
-    status_b, reply_b = await post(client, fleet.token_b,
-                                   make_batch("gw-b", READINGS_A, batch_id=batch_id))
+    status_a, _ = await post(
+        client, fleet.token_a, make_batch("gw-a", READINGS_A, batch_id=batch_id)
+    )
+    status_b, reply_b = await post(
+        client, fleet.token_b, make_batch("gw-b", READINGS_A, batch_id=batch_id)
+    )
 
     assert status_a == 200
     assert status_b == 200
@@ -224,7 +201,8 @@ async def test_readings_across_months(client: TestClient, fleet: Fleet) -> None:
     assert status == 200
     with psycopg.connect(fleet.dbs.shard_dsn("shard-1")) as conn:
         rows = conn.execute(
-            "SELECT tableoid::regclass::text, count(*) FROM readings GROUP BY 1 ORDER BY 1"
+            "SELECT tableoid::regclass::text, count(*) FROM readings "
+            "GROUP BY 1 ORDER BY 1"
         ).fetchall()
     assert rows == [("readings_2025_11", 1), ("readings_2025_12", 1)]
 
@@ -239,8 +217,9 @@ async def test_other_gateway_id_forbidden(client: TestClient, fleet: Fleet) -> N
 
 
 @pytest.mark.parametrize("header", [None, "Bearer nope", "Basic abc", "Bearer "])
-async def test_unknown_token_unauthorized(client: TestClient, fleet: Fleet,
-                                          header: str | None) -> None:
+async def test_unknown_token_unauthorized(
+    client: TestClient, fleet: Fleet, header: str | None
+) -> None:
     headers = {"Authorization": header} if header else {}
     data = json.dumps(make_batch("gw-a", READINGS_A)).encode()
 
@@ -257,7 +236,9 @@ async def test_revoked_token_unauthorized(fleet: Fleet) -> None:
     client = await start_client(fleet.dbs.config(auth_cache_seconds=0.001))
     try:
         catalog.revoke_gateway(fleet.dbs.catalog_dsn, "gw-a")
-        status, reply = await post(client, fleet.token_a, make_batch("gw-a", READINGS_A))
+        status, reply = await post(
+            client, fleet.token_a, make_batch("gw-a", READINGS_A)
+        )
     finally:
         await client.close()
 
@@ -266,24 +247,37 @@ async def test_revoked_token_unauthorized(fleet: Fleet) -> None:
 
 
 MALFORMED = [
-    (b"{not json", "body is not valid JSON: Expecting property name enclosed in "
-                   "double quotes: line 1 column 2 (char 1)"),
+    (
+        b"{not json",
+        "body is not valid JSON: Expecting property name enclosed in "
+        "double quotes: line 1 column 2 (char 1)",
+    ),
     (b"[]", "batch must be a JSON object"),
     (b'{"format": 2}', "format 2 is not supported: send format 1"),
-    (json.dumps(make_batch("gw-a", [["sn-1", "701.W", T0, "high"]])).encode(),
-     "readings[0]: value must be a number or null, got 'high'"),
-    (json.dumps(make_batch("gw-a", [["sn-1", "701.W", 1000, 1.0]])).encode(),
-     "readings[0]: time 1000 ms is outside"),
-    (json.dumps(make_batch("gw-a", READINGS_A) | {"channels": []}).encode(),
-     "readings[0]: channel '701.W' of 'sn-1' is not listed in channels"),
-    (b'{"format": 1, "batch_id": "b", "gateway_id": "gw-a", "readings": [["sn-1", '
-     b'"701.W", 1764864000000, NaN]]}', "body is not valid JSON: NaN is not a JSON number"),
+    (
+        json.dumps(make_batch("gw-a", [["sn-1", "701.W", T0, "high"]])).encode(),
+        "readings[0]: value must be a number or null, got 'high'",
+    ),
+    (
+        json.dumps(make_batch("gw-a", [["sn-1", "701.W", 1000, 1.0]])).encode(),
+        "readings[0]: time 1000 ms is outside",
+    ),
+    (
+        json.dumps(make_batch("gw-a", READINGS_A) | {"channels": []}).encode(),
+        "readings[0]: channel '701.W' of 'sn-1' is not listed in channels",
+    ),
+    (
+        b'{"format": 1, "batch_id": "b", "gateway_id": "gw-a", "readings": [["sn-1", '
+        b'"701.W", 1764864000000, NaN]]}',
+        "body is not valid JSON: NaN is not a JSON number",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("body", "expected"), MALFORMED)
-async def test_malformed_batch_rejected(client: TestClient, fleet: Fleet, body: bytes,
-                                        expected: str) -> None:
+async def test_malformed_batch_rejected(
+    client: TestClient, fleet: Fleet, body: bytes, expected: str
+) -> None:
     status, reply = await post(client, fleet.token_a, body)
 
     assert status == 400
@@ -301,8 +295,10 @@ async def test_oversized_batch_rejected(client: TestClient, fleet: Fleet) -> Non
     status, reply = await post(client, fleet.token_a, body)
 
     assert status == 413
-    assert reply == {"error": "body exceeds the limit of 4096 bytes after "
-                              "decompression: send smaller batches"}
+    assert reply == {
+        "error": "body exceeds the limit of 4096 bytes after "
+        "decompression: send smaller batches"
+    }
     assert count(fleet.dbs.shard_dsn("shard-1"), "readings") == 0
 
 
@@ -310,16 +306,26 @@ async def test_gzip_bomb_cut_at_limit(client: TestClient, fleet: Fleet) -> None:
     bomb = gzip.compress(b" " * 50_000_000)
 
     response = await client.post(
-        "/api/v1/batches", data=bomb,
-        headers={"Authorization": f"Bearer {fleet.token_a}", "Content-Encoding": "gzip"})
+        "/api/v1/batches",
+        data=bomb,
+        headers={
+            "Authorization": f"Bearer {fleet.token_a}",
+            "Content-Encoding": "gzip",
+        },
+    )
 
     assert response.status == 413
 
 
 async def test_bad_gzip_rejected(client: TestClient, fleet: Fleet) -> None:
     response = await client.post(
-        "/api/v1/batches", data=b"this is not gzip data",
-        headers={"Authorization": f"Bearer {fleet.token_a}", "Content-Encoding": "gzip"})
+        "/api/v1/batches",
+        data=b"this is not gzip data",
+        headers={
+            "Authorization": f"Bearer {fleet.token_a}",
+            "Content-Encoding": "gzip",
+        },
+    )
 
     assert response.status == 400
     assert await response.json() == {"error": "body cannot be decoded as gzip"}
@@ -330,20 +336,33 @@ async def test_truncated_gzip_rejected(client: TestClient, fleet: Fleet) -> None
     data = gzip.compress(json.dumps(make_batch("gw-a", READINGS_A)).encode())
 
     response = await client.post(
-        "/api/v1/batches", data=data[: len(data) // 2],
-        headers={"Authorization": f"Bearer {fleet.token_a}", "Content-Encoding": "gzip"})
+        "/api/v1/batches",
+        data=data[: len(data) // 2],
+        headers={
+            "Authorization": f"Bearer {fleet.token_a}",
+            "Content-Encoding": "gzip",
+        },
+    )
 
     assert response.status == 400
     assert count(fleet.dbs.shard_dsn("shard-1"), "readings") == 0
 
 
 @pytest.mark.parametrize("encoding", ["compress", "x-snappy"])
-async def test_other_encoding_rejected(client: TestClient, fleet: Fleet,
-                                       encoding: str) -> None:
+async def test_other_encoding_rejected(
+    client: TestClient, fleet: Fleet, encoding: str
+) -> None:
     response = await client.post(
-        "/api/v1/batches", data=b"{}",
-        headers={"Authorization": f"Bearer {fleet.token_a}", "Content-Encoding": encoding})
+        "/api/v1/batches",
+        data=b"{}",
+        headers={
+            "Authorization": f"Bearer {fleet.token_a}",
+            "Content-Encoding": encoding,
+        },
+    )
 
     assert response.status == 400
     assert await response.json() == {
-        "error": f"Content-Encoding {encoding!r} is not supported: send gzip or identity"}
+        "error": f"Content-Encoding {encoding!r} is not supported: "
+        "send gzip or identity"
+    }

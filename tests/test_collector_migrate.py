@@ -18,9 +18,13 @@ pytestmark = pytest.mark.postgres
 
 def tables(dsn: str) -> list[str]:
     with psycopg.connect(dsn) as conn:
-        return [row[0] for row in conn.execute(
-            "SELECT relname FROM pg_class WHERE relkind IN ('r', 'p') "
-            "AND relnamespace = 'public'::regnamespace ORDER BY relname")]
+        return [
+            row[0]
+            for row in conn.execute(
+                "SELECT relname FROM pg_class WHERE relkind IN ('r', 'p') "
+                "AND relnamespace = 'public'::regnamespace ORDER BY relname"
+            )
+        ]
 
 
 def test_migrate_catalog_creates_tables(empty_databases: CollectorDatabases) -> None:
@@ -28,7 +32,13 @@ def test_migrate_catalog_creates_tables(empty_databases: CollectorDatabases) -> 
 
     assert [m.label for m in applied] == ["0001_catalog"]
     assert tables(empty_databases.catalog_dsn) == [
-        "gateways", "installations", "keys", "owners", "schema_migrations", "shards"]
+        "gateways",
+        "installations",
+        "keys",
+        "owners",
+        "schema_migrations",
+        "shards",
+    ]
 
 
 def test_migrate_shard_creates_tables(empty_databases: CollectorDatabases) -> None:
@@ -37,8 +47,13 @@ def test_migrate_shard_creates_tables(empty_databases: CollectorDatabases) -> No
     applied = migrate.migrate(dsn, "shard")
 
     assert [m.label for m in applied] == ["0001_shard"]
-    assert tables(dsn) == ["batches", "channels", "devices", "readings",
-                           "schema_migrations"]
+    assert tables(dsn) == [
+        "batches",
+        "channels",
+        "devices",
+        "readings",
+        "schema_migrations",
+    ]
 
 
 def test_migrate_all_idempotent(empty_databases: CollectorDatabases) -> None:
@@ -48,7 +63,10 @@ def test_migrate_all_idempotent(empty_databases: CollectorDatabases) -> None:
     second = migrate.migrate_all(dbs)
 
     assert {name: [m.label for m in ms] for name, ms in first.items()} == {
-        "catalog": ["0001_catalog"], "shard-1": ["0001_shard"], "shard-2": ["0001_shard"]}
+        "catalog": ["0001_catalog"],
+        "shard-1": ["0001_shard"],
+        "shard-2": ["0001_shard"],
+    }
     assert second == {"catalog": [], "shard-1": [], "shard-2": []}
     with psycopg.connect(empty_databases.catalog_dsn) as conn:
         shards = conn.execute("SELECT id, name FROM shards ORDER BY id").fetchall()
@@ -76,17 +94,23 @@ def test_migrate_unreachable_database() -> None:
         migrate.migrate("host=127.0.0.1 port=1 dbname=x connect_timeout=2", "shard")
 
 
-def test_migrate_all_skips_unreachable_shard(empty_databases: CollectorDatabases,
-                                             caplog: pytest.LogCaptureFixture) -> None:
-    shards = (empty_databases.shards[0],
-              ShardConfig("shard-9", "host=127.0.0.1 port=1 dbname=x"))
+def test_migrate_all_skips_unreachable_shard(
+    empty_databases: CollectorDatabases, caplog: pytest.LogCaptureFixture
+) -> None:
+    shards = (
+        empty_databases.shards[0],
+        ShardConfig("shard-9", "host=127.0.0.1 port=1 dbname=x"),
+    )
     dbs = migrate.Databases(empty_databases.catalog_dsn, shards)
 
     applied = migrate.migrate_all(dbs, skip_unreachable_shards=True)
 
     assert list(applied) == ["catalog", "shard-1"]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "collector.migrate"
-                and r.levelname == "WARNING"]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "collector.migrate" and r.levelname == "WARNING"
+    ]
     assert len(warnings) == 1
     assert warnings[0].startswith("shard shard-9 left unmigrated: cannot migrate")
 
@@ -97,23 +121,31 @@ def partition_bounds(dsn: str) -> list[tuple[str, str]]:
         return conn.execute(
             "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
             "JOIN pg_class c ON c.oid = i.inhrelid "
-            "WHERE i.inhparent = 'readings'::regclass ORDER BY 1").fetchall()
+            "WHERE i.inhparent = 'readings'::regclass ORDER BY 1"
+        ).fetchall()
 
 
-def test_partition_bounds_are_utc_months(collector_databases: CollectorDatabases) -> None:
+def test_partition_bounds_are_utc_months(
+    collector_databases: CollectorDatabases,
+) -> None:
     dsn = collector_databases.shard_dsn("shard-2")
     with psycopg.connect(dsn) as conn:
         conn.execute("SET TimeZone = 'America/New_York'")
-        name = conn.execute("SELECT ensure_readings_partition(%s)",
-                            (datetime(2026, 3, 31, 23, 30, tzinfo=UTC),)).fetchone()
+        name = conn.execute(
+            "SELECT ensure_readings_partition(%s)",
+            (datetime(2026, 3, 31, 23, 30, tzinfo=UTC),),
+        ).fetchone()
 
     assert name == ("readings_2026_03",)
-    assert ("readings_2026_03",
-            "FOR VALUES FROM ('2026-03-01 00:00:00+00') TO ('2026-04-01 00:00:00+00')"
-            ) in partition_bounds(dsn)
+    assert (
+        "readings_2026_03",
+        "FOR VALUES FROM ('2026-03-01 00:00:00+00') TO ('2026-04-01 00:00:00+00')",
+    ) in partition_bounds(dsn)
 
 
-def test_partition_concurrent_create_once(collector_databases: CollectorDatabases) -> None:
+def test_partition_concurrent_create_once(
+    collector_databases: CollectorDatabases,
+) -> None:
     dsn = collector_databases.shard_dsn("shard-1")
     at = datetime(2030, 7, 15, tzinfo=UTC)
     start = threading.Barrier(8)

@@ -1,4 +1,4 @@
--- Catalog: who owns what, which shard holds each installation, and who may send data.
+-- Catalog: owners, the shard of each installation, and the gateways that may send data.
 
 CREATE TABLE shards (
     id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
