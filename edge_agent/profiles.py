@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import json
 import re
 import struct
 import tomllib
@@ -299,11 +300,11 @@ def _is_number(value: Any) -> bool:
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
+    """Show a value as it is written in TOML."""
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return str(value)
 
 
 class _Table:
@@ -403,9 +404,14 @@ class _ProfileFile:
         before = len(self.problems)
         top = _Table(self, document, "", 0, "")
         top.check_known(("device", "registers", "quirks"))
-        if ("registers" in document) == ("quirks" in document):
-            top.problem(None, "the file must have either [[registers]] tables (a "
-                        "register map) or [[quirks]] tables; add one kind, not both")
+        if "registers" in document and "quirks" in document:
+            top.problem("quirks", "the file has both [[registers]] and [[quirks]] "
+                        "tables; move the quirks to a file of their own")
+            return None
+        if "registers" not in document and "quirks" not in document:
+            top.problem(None, "the file has no [[registers]] or [[quirks]] tables; add "
+                        "[[registers]] for a register map or [[quirks]] for SunSpec "
+                        "quirks")
             return None
         result: RegisterMap | list[Quirk]
         if "registers" in document:
@@ -562,7 +568,7 @@ class _ProfileFile:
             limits=table.limits(), skip=self._skip(table),
             note=table.text("note") or "",
         )
-        if not (quirk.limits.describe() or quirk.skip):
+        if not any(key in table.values for key in (*_LIMIT_KEYS, "skip")):
             table.problem(None, f"{table.where} sets nothing; add max_registers, "
                           "request_gap, connect_delay, close_after_poll or skip")
         return quirk if len(self.problems) == before else None
