@@ -82,7 +82,7 @@ def parse_target(target: str, *, timeout: float = 1.0, baudrate: int = 9600,
                             port=port, timeout=timeout)
 
 
-def parse_numbers(text: str, low: int, high: int, what: str) -> tuple[int, ...]:
+def parse_numbers(text: str, low: int, high: int, kind: str) -> tuple[int, ...]:
     """Parse "1-10,126,240" into unit ids or addresses in order, without repeats.
 
     :raises ScanError: an item is not a number or range within [low, high].
@@ -91,11 +91,11 @@ def parse_numbers(text: str, low: int, high: int, what: str) -> tuple[int, ...]:
     for item in text.split(","):
         first, _, last = item.strip().partition("-")
         if not first.isdigit() or (last and not last.isdigit()):
-            raise ScanError(f"{what} {item.strip()!r} is not a number or a range like "
+            raise ScanError(f"{kind} {item.strip()!r} is not a number or a range like "
                             f"1-10; write them as in {DEFAULT_UNITS}")
         start, end = int(first), int(last or first)
         if not low <= start <= end <= high:
-            raise ScanError(f"{what} {item.strip()} is outside {low}-{high}; use "
+            raise ScanError(f"{kind} {item.strip()} is outside {low}-{high}; use "
                             f"numbers from {low} to {high}")
         numbers.update(dict.fromkeys(range(start, end + 1)))
     return tuple(numbers)
@@ -133,7 +133,7 @@ class FoundDevice:
 
 @dataclass(frozen=True, slots=True)
 class UnitResult:
-    """What scanning one unit id found, or why it found no SunSpec device."""
+    """Result of scanning one unit id: the devices found, or why none was found."""
 
     unit: int
     state: DeviceState
@@ -147,9 +147,10 @@ class UnitResult:
         return {
             "unit": self.unit, "state": self.state.value, "base": self.base,
             "devices": [
-                {"at": d.at, "manufacturer": d.manufacturer, "model": d.model,
-                 "serial": d.serial, "version": d.version, "models": list(d.models)}
-                for d in self.devices
+                {"at": device.at, "manufacturer": device.manufacturer,
+                 "model": device.model, "serial": device.serial,
+                 "version": device.version, "models": list(device.models)}
+                for device in self.devices
             ],
             "notes": list(self.notes), "failure": self.failure,
         }
@@ -194,10 +195,10 @@ class Scanner:
             return _failed(unit, err, self.settings, self.bases)
 
         devices = tuple(
-            FoundDevice(d.at, d.identity.manufacturer, d.identity.model,
-                        d.identity.serial, d.identity.version,
-                        tuple(m.model_id for m in d.models))
-            for d in device_map.devices
+            FoundDevice(device.at, device.identity.manufacturer, device.identity.model,
+                        device.identity.serial, device.identity.version,
+                        tuple(model.model_id for model in device.models))
+            for device in device_map.devices
         )
         return UnitResult(unit, DeviceState.ONLINE, device_map.base, devices,
                           tuple(notes))
@@ -245,7 +246,7 @@ async def _notice_end(endpoint: ModbusEndpoint, device_map: DeviceMap) -> list[s
     try:
         words = await endpoint.read(device_map.unit, end, 1)
     except ModbusExceptionResponse as err:
-        return [f"chain has no end marker: register {end} answers exception {err.code}"]
+        return [f"chain has no end marker: register {end} responds with exception {err.code}"]
     if words[0] != END_MODEL_ID:
         return [f"chain has no end marker: register {end} reads {words[0]:#06x}"]
     return []
@@ -264,11 +265,11 @@ def _failed(unit: int, err: Exception, settings: EndpointSettings,
     if isinstance(err, NoDevice):
         code = getattr(err.__cause__, "code", 11)
         return UnitResult(unit, DeviceState.OFFLINE,
-                          failure=f"no device: the gateway answers exception {code}")
+                          failure=f"no device: the gateway responded with exception {code}")
     if isinstance(err, NotSunSpec):
         listed = ", ".join(str(b) for b in bases)
         return UnitResult(unit, DeviceState.NOT_SUNSPEC, failure=(
-            f"not SunSpec: answers, but no SunS marker at {listed}; read it with a "
+            f"not SunSpec: responds, but has no SunS marker at {listed}; read it with a "
             "device profile"))
     if isinstance(err, MalformedMap):
         return UnitResult(unit, DeviceState.MALFORMED,
@@ -288,7 +289,7 @@ def _failed(unit: int, err: Exception, settings: EndpointSettings,
 
 @dataclass(frozen=True, slots=True)
 class UnitReading:
-    """The polls of one unit, or why it could not be read."""
+    """Result of reading one unit once: its polls, or why it could not be read."""
 
     polls: tuple[Poll, ...]
     failure: str | None = None
@@ -336,7 +337,7 @@ def config_section(settings: EndpointSettings, results: Sequence[UnitResult],
               "poll_interval = 10.0"]
     for result in results:
         if result.state == DeviceState.NOT_SUNSPEC:
-            lines.append(f"# Unit {result.unit} answers without SunSpec: add it to "
+            lines.append(f"# Unit {result.unit} responds without SunSpec: add it to "
                          f"unit_ids with unit_profiles = {{{result.unit} = "
                          '"<profile>"}.')
     return "\n".join(lines) + "\n"

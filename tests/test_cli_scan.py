@@ -53,8 +53,8 @@ models 1, 103, 120
 unit 240: SunSpec map at 40000
   device at 40002: Fronius Smart Meter 63A, serial ZZ0C0602, version 2.9, models 1, 203
   note: common model at 40002 is 65 registers long (no pad register)
-units 2, 4-10, 247: no device: the gateway answers exception 11
-unit 3: not SunSpec: answers, but no SunS marker at 40000, 0, 50000; read it with a \
+units 2, 4-10, 247: no device: the gateway responded with exception 11
+unit 3: not SunSpec: responds, but has no SunS marker at 40000, 0, 50000; read it with a \
 device profile
 found 5 devices on 3 of 13 unit ids at 127.0.0.1:{port}
 """
@@ -83,7 +83,7 @@ async def test_scan_site_writes_config(serve_image, tmp_path):  # noqa: F811
     assert group.settings.port == simulator.port
     assert group.profiles == {}
     assert config.gateway_id == "replace-with-the-gateway-id"
-    assert "# Unit 3 answers without SunSpec" in config_path.read_text()
+    assert "# Unit 3 responds without SunSpec" in config_path.read_text()
 
 
 async def test_scan_appends_to_config(serve_image, tmp_path):  # noqa: F811
@@ -139,13 +139,13 @@ async def test_scan_json(serve_image):  # noqa: F811
         "notes": [
             "model 64870 at 40369 has no public definition, so its values are not "
             "read",
-            "chain has no end marker: register 40441 answers exception 2",
+            "chain has no end marker: register 40441 responds with exception 2",
         ],
         "failure": None,
     }
     assert absent == {"unit": 3, "state": "offline", "base": None, "devices": [],
                       "notes": [],
-                      "failure": "no device: the gateway answers exception 11"}
+                      "failure": "no device: the gateway responded with exception 11"}
 
 
 async def test_scan_quirk_notes(serve_image):  # noqa: F811
@@ -203,7 +203,7 @@ async def test_scan_nothing_found(serve_image):  # noqa: F811
 
     assert result.exit_code == 1
     assert result.stdout == (
-        "unit 1: not SunSpec: answers, but no SunS marker at 40000, 0, 50000; read "
+        "unit 1: not SunSpec: responds, but has no SunS marker at 40000, 0, 50000; read "
         "it with a device profile\n"
         f"found 0 devices on 0 of 1 unit ids at 127.0.0.1:{simulator.port}\n")
     assert result.stderr == (f"error: no SunSpec device found on "
