@@ -102,9 +102,24 @@ _MIGRATIONS = (
     ) WITHOUT ROWID;
     """,
     # Version 2: gateway stamps, lanes, dropped polls. Polls and batches of version 1
-    # carry no stamp (NULL), so an agent with a gateway id sets them aside.
+    # carry no stamp (NULL), so an agent with a gateway id sets them aside. Poll ids
+    # become AUTOINCREMENT, because the live lane remembers the last id it took, and
+    # a plain rowid is reused once the polls with the largest ids are deleted.
     """
-    ALTER TABLE polls ADD COLUMN gateway_id TEXT;
+    CREATE TABLE polls_v2 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        time_ms INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        readings INTEGER NOT NULL,
+        batch_id TEXT REFERENCES batches (batch_id),
+        gateway_id TEXT
+    );
+    INSERT INTO polls_v2 (id, device_id, time_ms, state, readings, batch_id)
+        SELECT id, device_id, time_ms, state, readings, batch_id FROM polls;
+    DROP TABLE polls;
+    ALTER TABLE polls_v2 RENAME TO polls;
+    CREATE INDEX polls_by_batch ON polls (batch_id, id);
     ALTER TABLE batches ADD COLUMN gateway_id TEXT;
     ALTER TABLE batches ADD COLUMN lane TEXT NOT NULL DEFAULT 'backlog';
     CREATE TABLE gaps (

@@ -48,9 +48,9 @@ class BufferConfig:
 
     path: Path
     synchronous: str = "full"  # SQLite's synchronous pragma: "full" or "normal"
-    # Cap on the bytes in the file's pages in use. At about 20 bytes per reading,
-    # 1 GiB holds about 12 days of 50 readings a second (5 devices of 100 channels
-    # polled every 10 s).
+    # Cap on the bytes in the file's pages in use. At about 15 bytes per reading
+    # (measured by bench/drain.py), 1 GiB is about two weeks of 50 readings a second,
+    # which 5 devices of 100 channels polled every 10 s produce.
     max_bytes: int = 1_073_741_824
     min_free_bytes: int = 104_857_600  # free bytes the buffer leaves on its disk
     overflow: str = "drop-oldest"  # or "drop-newest": what is dropped when full

@@ -233,6 +233,20 @@ def test_live_lane_takes_newest(path):
     assert [state[1] for state in next_live.states] == [10_000]
 
 
+def test_live_lane_after_confirm(path):
+    # Confirming the live batch deletes the polls with the largest row ids, and the
+    # next poll must still count as newer than them.
+    with Buffer(path, gateway_id="gw") as buffer:
+        for n in range(5):
+            buffer.add_poll(wide_poll(1000 * n))
+        buffer.confirm(buffer.next_batch(100, Lane.LIVE).batch_id)
+        buffer.add_poll(wide_poll(5000))
+        live = buffer.next_batch(100, Lane.LIVE)
+
+    assert live is not None
+    assert [state[1] for state in live.states] == [5000]
+
+
 def test_lanes_never_share_polls(path):
     with Buffer(path, gateway_id="gw") as buffer:
         seen: list[int] = []

@@ -98,7 +98,7 @@ def kill_writer(path: Path, first: int, max_bytes: int, rng: random.Random) -> l
 
 
 def check_integrity(path: Path) -> list[int]:
-    """Check the file as SQLite sees it; return the poll times it contains."""
+    """Run SQLite's integrity checks on the file; return its poll times."""
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
@@ -212,7 +212,7 @@ def forwarder_for(buffer: Buffer, site: Site, url: str | None = None,
 
 
 async def drain(forwarder: Forwarder, buffer: Buffer) -> None:
-    """Run the forwarder until the buffer holds no poll and no unsent gap."""
+    """Run the forwarder until the buffer has no poll and no unsent gap left."""
     stop = asyncio.Event()
     task = asyncio.create_task(forwarder.run(stop))
     try:
