@@ -1,7 +1,7 @@
 """Benchmark: drain a week of buffered polls into a real collector while live polls flow.
 
-A five-device site (100 channels each by default) was cut off for seven days; its
-backlog is written into a fresh buffer file, then the agent's forwarder sends it to a
+A five-device site (100 channels each by default) was cut off for seven days. Its
+backlog is written into a fresh buffer file. Then the agent's forwarder sends it to a
 collector in its own process, backed by an embedded PostgreSQL. Meanwhile a live
 poller adds a poll round every poll interval, and the time until each round is in
 the shard is the live delay. The figures are printed and written to the "Backlog
@@ -73,7 +73,7 @@ class Site:
 
 @dataclass(frozen=True)
 class Figures:
-    """What one run measured."""
+    """Figures of one run."""
 
     backlog_readings: int
     write_seconds: float
@@ -167,8 +167,9 @@ async def live_poller(buffer: Buffer, site: Site, stop: asyncio.Event,
 def round_arrived(shard_dsn: str, site: Site, time_ms: int) -> bool:
     """Return whether every device's first channel has a reading at `time_ms`.
 
-    A poll travels whole in one batch, stored in one transaction, so one channel of
-    each device shows that the round arrived; the lookup uses the primary key.
+    A poll travels whole in one batch and is stored in one transaction, so one
+    channel of each device shows that the round arrived. The lookup uses the
+    primary key.
     """
     with psycopg.connect(shard_dsn) as conn:
         row = conn.execute(
