@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import pgserver
+# pgserver keeps its lock file in the user's runtime directory. Without XDG_RUNTIME_DIR
+# (systemd services, containers, CI) platformdirs falls back to /tmp/runtime-<uid>, which
+# works, but warns at import time on every start.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    import pgserver
 
 from collector import databases
 from collector.errors import DatabaseError
