@@ -30,9 +30,17 @@ from typing import Any
 from edge_agent.decode import decode_profile_register
 from edge_agent.errors import ConfigError
 
-# NOTE: the built-in profiles sit beside the package in the source tree, so they are
-# found from a checkout or an editable install, not from a wheel.
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+
+
+def _builtin_dir() -> Path:
+    """Locate the built-in profiles: inside an installed wheel, else the source tree."""
+    installed = Path(__file__).resolve().parent / "device_profiles"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / "device_profiles"
+
+
+BUILTIN_DIR = _builtin_dir()
 
 REGISTER_SIZES = {"uint16": 1, "int16": 1, "uint32": 2, "int32": 2, "uint64": 4,
                   "float32": 2}
