@@ -1,9 +1,9 @@
 """`make demo`: a whole solarfleet on one machine, from simulated devices to two shards.
 
-It starts an embedded PostgreSQL holding the catalog and two shards, creates three
-installations spread over both shards, serves one simulated site gateway per installation
-from the device images in `config/demo/`, runs the collector and one `solarfleet-agent run`
-process per installation, and prints what arrives until Ctrl-C.
+It starts an embedded PostgreSQL holding the catalog and two shards, and creates three
+installations spread over both shards. For each installation it serves one simulated site
+gateway from the device images in `config/demo/` and runs one `solarfleet-agent run`
+process. It runs the collector in this process and prints what arrives until Ctrl-C.
 
 Each start begins from empty databases and buffers under the work directory.
 """
