@@ -4,13 +4,20 @@ One task polls each device group and one task forwards. A task that fails, or re
 before the agent stops, is logged and restarted with backoff, so one failing device group
 never stops the others. On stop the agent finishes within `shutdown_timeout` seconds:
 pollers finish the commit in progress, the forwarder sends what it can, the buffer closes.
+
+Under systemd (`edge_agent.service`) the agent notifies READY=1 once its tasks run,
+STATUS= with every status document, STOPPING=1 on stop, and WATCHDOG=1 while every
+task makes progress. Its status goes to a file beside the buffer and, with
+`[status] port`, to an HTTP endpoint (`edge_agent.status`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
 from functools import partial
 
 import tenacity
@@ -21,15 +28,25 @@ from edge_agent.errors import CollectorUnavailable
 from edge_agent.forwarder import Forwarder
 from edge_agent.readings import Poll
 from edge_agent.retry import Backoff
+from edge_agent.service import (
+    PROGRESS_SLACK,
+    Notifier,
+    Progress,
+    run_watchdog,
+    watchdog_interval,
+)
+from edge_agent.status import GroupMonitor, StatusBoard, StatusPublisher, StatusServer
 
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 10.0  # seconds from stop to a closed buffer
 
 Sink = Callable[[Poll], Awaitable[None]]
-# Called with settings, unit ids, poll interval, sink and stop event, plus the
-# group's profile keyword arguments (DeviceGroup.poll_options) where it has any.
+# Called with settings, unit ids, poll interval, sink and stop event, the keyword
+# `monitor` (a poller.RoundMonitor), and the group's profile keyword arguments
+# (DeviceGroup.poll_options) where it has any.
 PollEndpoint = Callable[..., Awaitable[None]]
+FORWARDER = "forwarder"  # the forwarder's name in watchdog messages
 
 
 class _Stopped(Exception):
@@ -43,28 +60,44 @@ class _EndedEarly(Exception):
 async def run_agent(config: AgentConfig, stop: asyncio.Event, *,
                     poll_endpoint: PollEndpoint | None = None,
                     backoff: Backoff = Backoff(),
-                    shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> None:
+                    shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+                    environ: Mapping[str, str] | None = None,
+                    progress_slack: float = PROGRESS_SLACK) -> None:
     """Poll, buffer and forward until `stop` is set, then shut down in bounded time.
 
     `poll_endpoint` defaults to `edge_agent.poller.run_endpoint`; tests pass a fake.
+    `environ` (default `os.environ`) supplies systemd's NOTIFY_SOCKET and
+    WATCHDOG_USEC; `progress_slack` is `Progress.slack` for the watchdog.
 
     :raises BufferFileError: when the buffer file cannot be opened.
+    :raises StatusError: when the status port cannot be listened on.
     """
     if poll_endpoint is None:
         # Imported here so that the agent's tests, which pass a fake, need no Modbus stack.
         from edge_agent.poller import run_endpoint as poll_endpoint
+    environ = os.environ if environ is None else environ
 
     buffer = await asyncio.to_thread(open_buffer, config)
     logger.info("agent %s started: %d device groups, %d units, buffer %s",
                 config.gateway_id, len(config.devices), config.unit_count,
                 config.buffer.path)
+    notifier = Notifier.from_environ(environ)
     try:
-        async with Forwarder(buffer, config.collector, config.gateway_id,
-                             backoff) as forwarder:
-            await _serve(config, stop, buffer, forwarder, poll_endpoint, backoff,
-                         shutdown_timeout)
+        async with AsyncExitStack() as stack:
+            forwarder = await stack.enter_async_context(
+                Forwarder(buffer, config.collector, config.gateway_id, backoff))
+            server = None
+            if config.status_config.port is not None:
+                server = await stack.enter_async_context(
+                    StatusServer(config.status_config))
+            publisher = StatusPublisher(config, StatusBoard.for_config(config), buffer,
+                                        forwarder, notifier, server)
+            watchdog = watchdog_interval(environ)
+            await _serve(config, stop, forwarder, publisher, poll_endpoint, backoff,
+                         shutdown_timeout, Progress(progress_slack), watchdog)
     finally:
         await asyncio.to_thread(buffer.close)
+        notifier.close()
     logger.info("agent %s stopped", config.gateway_id)
 
 
@@ -80,25 +113,23 @@ def open_buffer(config: AgentConfig) -> Buffer:
                   gateway_id=config.gateway_id, limits=limits)
 
 
-async def _serve(config: AgentConfig, stop: asyncio.Event, buffer: Buffer,
-                 forwarder: Forwarder, poll_endpoint: PollEndpoint, backoff: Backoff,
-                 shutdown_timeout: float) -> None:
-    sink = _buffer_sink(buffer)
-    tasks = [
-        asyncio.create_task(
-            _supervise(f"device group {group.name!r}",
-                       partial(_poll_group, poll_endpoint, group, sink, stop),
-                       stop, backoff),
-            name=f"poll {group.name}",
-        )
-        for group in config.devices
-    ]
-    tasks.append(asyncio.create_task(
-        _supervise("forwarder", partial(forwarder.run, stop), stop, backoff),
-        name="forward",
-    ))
+async def _serve(config: AgentConfig, stop: asyncio.Event, forwarder: Forwarder,
+                 publisher: StatusPublisher, poll_endpoint: PollEndpoint,
+                 backoff: Backoff, shutdown_timeout: float, progress: Progress,
+                 watchdog: float | None) -> None:
+    tasks = _start_tasks(config, stop, forwarder, publisher, poll_endpoint, backoff,
+                         progress)
+    notifier = publisher.notifier
+    await publisher.publish()
+    notifier.send("READY=1")
+    reporters = [asyncio.create_task(publisher.run(stop), name="status")]
+    if watchdog is not None:
+        # Two pings per timeout, so one late ping does not trigger a restart.
+        reporters.append(asyncio.create_task(
+            run_watchdog(notifier, progress, watchdog / 2, stop), name="watchdog"))
     await stop.wait()
 
+    notifier.send("STOPPING=1", f"STATUS=stopping within {shutdown_timeout:g} s")
     logger.info("stopping: waiting up to %g s for pollers and the last send",
                 shutdown_timeout)
     loop = asyncio.get_running_loop()
@@ -106,12 +137,36 @@ async def _serve(config: AgentConfig, stop: asyncio.Event, buffer: Buffer,
     # Pollers get half the time to finish; the last send gets what remains.
     await _finish(tasks, shutdown_timeout / 2)
     await _send_remaining(forwarder, deadline - loop.time())
+    await _finish(reporters, 1.0)
+    await publisher.publish(running=False)
+
+
+def _start_tasks(config: AgentConfig, stop: asyncio.Event, forwarder: Forwarder,
+                 publisher: StatusPublisher, poll_endpoint: PollEndpoint,
+                 backoff: Backoff, progress: Progress) -> list[asyncio.Task[None]]:
+    """Start one supervised task per device group and one for the forwarder."""
+    sink = _buffer_sink(publisher.buffer)
+    tasks = []
+    for group in config.devices:
+        monitor = publisher.board.monitor(group, progress)
+        start = partial(_poll_group, poll_endpoint, group, sink, stop, monitor)
+        tasks.append(asyncio.create_task(
+            _supervise(monitor.name, start, stop, backoff), name=f"poll {group.name}"))
+
+    forwarder.on_progress = partial(progress.expect, FORWARDER)
+    progress.expect(FORWARDER, config.collector.timeout)
+    tasks.append(asyncio.create_task(
+        _supervise(FORWARDER, partial(forwarder.run, stop), stop, backoff),
+        name="forward",
+    ))
+    return tasks
 
 
 def _poll_group(poll_endpoint: PollEndpoint, group: DeviceGroup, sink: Sink,
-                stop: asyncio.Event) -> Awaitable[None]:
+                stop: asyncio.Event, monitor: GroupMonitor) -> Awaitable[None]:
+    monitor.started()
     return poll_endpoint(group.settings, group.unit_ids, group.poll_interval, sink, stop,
-                         **group.poll_options)
+                         monitor=monitor, **group.poll_options)
 
 
 def _buffer_sink(buffer: Buffer) -> Sink:

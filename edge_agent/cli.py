@@ -34,10 +34,9 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 def main(verbose: bool) -> None:
     """Poll Modbus devices on a solar site and forward their readings."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from edge_agent.service import configure_logging
+
+    configure_logging(logging.DEBUG if verbose else logging.INFO)
     # pymodbus logs every failed connect and unanswered request itself. The transport
     # translates those and logs an outage once, so pymodbus logs only with -v.
     pymodbus_level = logging.DEBUG if verbose else logging.CRITICAL
@@ -129,6 +128,36 @@ def buffer_command(config_path: Path) -> None:
         click.echo(f"  {gap.device_id} {_utc(gap.first_ms)}..{_utc(gap.last_ms)} "
                    f"{gap.readings} readings in {gap.polls} polls: {gap.reason}, "
                    f"{status}")
+
+
+@main.command("status")
+@click.option("--config", "config_path", required=True, type=_CONFIG_FILE,
+              help="Agent config file (TOML) of the running agent.")
+def status_command(config_path: Path) -> None:
+    """Show each device's last poll, the buffer and the collector link.
+
+    The running agent publishes its status every [status] interval seconds. The
+    command reads it from the agent's HTTP endpoint when [status] port is set, and
+    from the status file beside the buffer otherwise or when the endpoint does not
+    answer.
+
+    Example: solarfleet-agent status --config /etc/solarfleet/agent.toml
+    """
+    from edge_agent.errors import StatusError
+    from edge_agent.status import fetch_status, format_status, read_status
+
+    settings = _load_one_line(config_path).status_config
+    if settings.port is None:
+        status = read_status(settings.path)
+    else:
+        try:
+            status = fetch_status(settings)
+        except StatusError as err:
+            click.echo(f"note: {err}; showing the status file {settings.path}",
+                       err=True)
+            status = read_status(settings.path)
+    for line in format_status(status, time.time_ns() // 1_000_000):
+        click.echo(line)
 
 
 def _utc(time_ms: int) -> str:

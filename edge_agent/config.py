@@ -57,6 +57,16 @@ class BufferConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusConfig:
+    """Where the running agent publishes its status, and how often."""
+
+    path: Path  # JSON file that the agent rewrites, beside the buffer file
+    interval: float = 5.0  # seconds between two writes of the status
+    port: int | None = None  # TCP port of the HTTP status endpoint; None: no server
+    host: str = "127.0.0.1"  # address the status endpoint listens on
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceGroup:
     """One Modbus endpoint and the unit ids polled through it."""
 
@@ -89,11 +99,24 @@ class AgentConfig:
     buffer: BufferConfig
     devices: tuple[DeviceGroup, ...]
     profiles_dir: Path | None = None  # device profiles beside the built-in ones
+    status: StatusConfig | None = None  # None: the default beside the buffer file
+
+    @property
+    def status_config(self) -> StatusConfig:
+        """The [status] settings, with the status file beside the buffer by default."""
+        if self.status is not None:
+            return self.status
+        return StatusConfig(path=status_path(self.buffer.path))
 
     @property
     def unit_count(self) -> int:
         """Number of unit ids over all device groups."""
         return sum(len(group.unit_ids) for group in self.devices)
+
+
+def status_path(buffer_path: Path) -> Path:
+    """Return the status file of a buffer file: buffer.sqlite -> buffer.status.json."""
+    return buffer_path.with_name(buffer_path.stem + ".status.json")
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -203,6 +226,11 @@ _BUFFER_KEYS = (
     _int_key("min_free_bytes", 0),
     _choice_key("overflow", OVERFLOW_POLICIES),
 )
+_STATUS_KEYS = (
+    _seconds_key("interval"),
+    _int_key("port", 1, 65535),
+    _text_key("host"),
+)
 _NETWORK_KEYS = (
     _text_key("host", required="set it to the device's IP address or host name"),
     _int_key("port", 1, 65535),
@@ -235,7 +263,7 @@ _DEVICE_KEYS = (
     _Key("unit_profiles", 'a table of unit id = profile name, e.g. {240 = '
          '"eastron-sdm630"}', lambda v: isinstance(v, dict)),
 )
-_TOP_LEVEL = ("gateway", "collector", "buffer", "devices", "profiles_dir")
+_TOP_LEVEL = ("gateway", "collector", "buffer", "status", "devices", "profiles_dir")
 _TRANSPORT_KEYS = {
     "tcp": frozenset(key.name for key in _NETWORK_KEYS),
     "rtu-over-tcp": frozenset(key.name for key in _NETWORK_KEYS),
@@ -272,20 +300,23 @@ def _parse(path: Path, lines: list[str]) -> AgentConfig | None:
     gateway = _read_table(document, "gateway", _GATEWAY_KEYS, problems)
     collector = _read_table(document, "collector", _COLLECTOR_KEYS, problems)
     buffer = _read_table(document, "buffer", _BUFFER_KEYS, problems)
+    status = (_read_table(document, "status", _STATUS_KEYS, problems)
+              if "status" in document else {})
     profiles_dir, profiles = _read_profiles(document, path, problems)
     devices = _read_devices(document, problems, profiles)
     if len(problems):
         return None
 
-    buffer_path = Path(buffer.pop("path")).expanduser()
+    # A relative path is taken from the config file's folder, not from the working
+    # directory, which is "/" under systemd.
+    buffer_path = path.absolute().parent / Path(buffer.pop("path")).expanduser()
     return AgentConfig(
         gateway_id=gateway["id"],
         collector=CollectorConfig(**collector),
-        # A relative path is taken from the config file's folder, not from the working
-        # directory, which is "/" under systemd.
-        buffer=BufferConfig(path=path.absolute().parent / buffer_path, **buffer),
+        buffer=BufferConfig(path=buffer_path, **buffer),
         devices=devices,
         profiles_dir=profiles_dir,
+        status=StatusConfig(path=status_path(buffer_path), **status),
     )
 
 

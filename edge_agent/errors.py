@@ -18,3 +18,7 @@ class CollectorUnavailable(AgentError):
 
     The batch stays in the buffer and is sent again later with the same batch id.
     """
+
+
+class StatusError(AgentError):
+    """The agent's status cannot be read or published; the message names the fix."""

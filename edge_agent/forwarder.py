@@ -20,6 +20,8 @@ import gzip
 import json
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -77,6 +79,18 @@ class Forwarder:
         self.url = collector.url.rstrip("/") + BATCHES_PATH
         self._session: aiohttp.ClientSession | None = None
         self._failures = 0  # failed attempts in the current outage
+        self._batch_id: str | None = None  # the batch of the attempt in progress
+        # Called with the seconds within which the forwarder makes progress again:
+        # before each attempt, and before each wait for new polls or a retry.
+        self.on_progress: Callable[[float], None] | None = None
+        self.last_sent_ms: int | None = None  # when the collector last stored a batch
+        self.last_error: str | None = None  # why the last failed attempt failed
+        self.last_error_ms: int | None = None
+
+    @property
+    def failures(self) -> int:
+        """Failed attempts in the current outage; 0 while the collector takes batches."""
+        return self._failures
 
     async def __aenter__(self) -> Forwarder:
         self._session = aiohttp.ClientSession(
@@ -102,6 +116,7 @@ class Forwarder:
                     break
                 outcomes.append(outcome)
             if outcomes == [Outcome.EMPTY, Outcome.EMPTY]:
+                self._announce(self.collector.interval)
                 await _wait(stop, self.collector.interval)
         logger.info("forwarder stopped")
 
@@ -122,17 +137,22 @@ class Forwarder:
         :raises CollectorUnavailable: when the batch could not be delivered now; it stays
             in the buffer and keeps its id.
         """
+        self._announce(self.collector.timeout)
+        self._batch_id = None
         batch, body = await asyncio.to_thread(self._next_body, lane)
         if batch is None:
             return Outcome.EMPTY
+        self._batch_id = batch.batch_id
 
         status, reply = await self._post(body)
         message = _error_message(reply)
         if status == 200:
             self._check_confirmation(batch.batch_id, reply)
             deleted = await asyncio.to_thread(self.buffer.confirm, batch.batch_id)
+            self.last_sent_ms = time.time_ns() // 1_000_000
             logger.debug("sent %s batch %s: %d readings, %d gaps", lane,
-                         batch.batch_id, deleted, len(batch.gaps))
+                         batch.batch_id, deleted, len(batch.gaps),
+                         extra={"batch": batch.batch_id})
             return Outcome.SENT
         if status >= 500 or status in _RETRIED_4XX or not 400 <= status < 500:
             text = f"collector {self.url} replied HTTP {status} to batch {batch.batch_id}"
@@ -146,7 +166,8 @@ class Forwarder:
         await asyncio.to_thread(self.buffer.quarantine, batch.batch_id, reason)
         logger.error("collector rejected batch %s (%d readings) with %s; moved it to "
                      "quarantine, see `solarfleet-agent buffer`",
-                     batch.batch_id, len(batch.readings), reason)
+                     batch.batch_id, len(batch.readings), reason,
+                     extra={"batch": batch.batch_id})
         return Outcome.QUARANTINED
 
     # --- one request ------------------------------------------------------------------
@@ -196,6 +217,7 @@ class Forwarder:
         """Send the lane's next batch, retrying with backoff; None if `stop` was set."""
 
         async def sleep(seconds: float) -> None:
+            self._announce(seconds)
             if await _wait(stop, seconds):
                 raise _Stopped
 
@@ -214,11 +236,20 @@ class Forwarder:
 
     def _note_failure(self, state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
+        self.last_error = str(error)
+        self.last_error_ms = time.time_ns() // 1_000_000
+        fields = {"batch": self._batch_id}
         if self._failures == 0:
-            logger.warning("%s; retrying with backoff, readings stay in the buffer", error)
+            logger.warning("%s; retrying with backoff, readings stay in the buffer", error,
+                           extra=fields)
         else:
-            logger.debug("attempt %d failed: %s", state.attempt_number, error)
+            logger.debug("attempt %d failed: %s", state.attempt_number, error,
+                         extra=fields)
         self._failures += 1
+
+    def _announce(self, seconds: float) -> None:
+        if self.on_progress is not None:
+            self.on_progress(seconds)
 
     def _note_recovery(self) -> None:
         if self._failures:

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from edge_agent.decode import (
     NON_CHANNEL_TYPES,
@@ -50,6 +51,8 @@ from edge_agent.sunspec import (
     read_registers,
 )
 from edge_agent.transport import (
+    BUSY_RETRIES,
+    BUSY_WAIT,
     ModbusConnectionRefused,
     ModbusEndpoint,
     ModbusError,
@@ -280,17 +283,21 @@ class UnitPoller:
         if flagged and device_id not in self._flagged:
             logger.warning(
                 "%s (%s): implausible frame, all zeros with a fault state; its values "
-                "are reported as no value", self.address, device_id)
+                "are reported as no value", self.address, device_id,
+                extra={"device": self.address})
             self._flagged.add(device_id)
         elif not flagged:
             self._flagged.discard(device_id)
 
     def _note_failure(self, state: DeviceState, err: Exception) -> None:
         self.last_exception = err
+        fields = {"device": self.address}
         if self._failure is None:
-            logger.warning("%s: %s, reported as %s", self.address, err, state.value)
+            logger.warning("%s: %s, reported as %s", self.address, err, state.value,
+                           extra=fields)
         else:
-            logger.debug("%s: still %s: %s", self.address, state.value, err)
+            logger.debug("%s: still %s: %s", self.address, state.value, err,
+                         extra=fields)
         self._failure = state
 
     @property
@@ -302,7 +309,7 @@ class UnitPoller:
         self.last_exception = None
         if self._failure is not None:
             logger.info("%s: responding again after being %s", self.address,
-                        self._failure.value)
+                        self._failure.value, extra={"device": self.address})
             self._failure = None
 
 
@@ -352,7 +359,7 @@ class ProfilePoller:
         self.last_error = self.last_exception = None
         if self._failure is not None:
             logger.info("%s: responding again after being %s", self.address,
-                        self._failure.value)
+                        self._failure.value, extra={"device": self.address})
             self._failure = None
         return Poll(self.device, time_ms, DeviceState.ONLINE, values, tuple(channels))
 
@@ -362,10 +369,13 @@ class ProfilePoller:
 
     def _failed(self, time_ms: int, state: DeviceState, reason: str) -> Poll:
         self.last_error = reason
+        fields = {"device": self.address}
         if self._failure is None:
-            logger.warning("%s: %s, reported as %s", self.address, reason, state.value)
+            logger.warning("%s: %s, reported as %s", self.address, reason, state.value,
+                           extra=fields)
         else:
-            logger.debug("%s: still %s: %s", self.address, state.value, reason)
+            logger.debug("%s: still %s: %s", self.address, state.value, reason,
+                         extra=fields)
         self._failure = state
         return Poll(self.device, time_ms, state)
 
@@ -553,6 +563,31 @@ def _sleeping(model: ModelRef, decoded: dict[str, Value]) -> bool:
 
 Sink = Callable[[Poll], Awaitable[None]]
 
+# NOTE: an estimate. Discovery walks the model chain with one request per model and
+# a poll reads each model range; 40 requests cover the largest SunSpec maps seen.
+REQUESTS_PER_UNIT = 40
+
+
+class RoundMonitor(Protocol):
+    """Receives the result of every unit's poll and the end of every round."""
+
+    def polled(self, address: str, polls: Sequence[Poll], error: str | None) -> None:
+        """One unit was polled; `error` tells why it failed, None when it answered."""
+
+    def round_finished(self, next_round_in: float) -> None:
+        """A round ended; the next one starts in `next_round_in` seconds."""
+
+
+def round_limit(settings: EndpointSettings, unit_count: int) -> float:
+    """Return the seconds a round over `unit_count` units takes at most (estimate).
+
+    Each request waits at most the timeout, the request gap and the retries while a
+    device is busy; each unit may need a new connection with its connect delay.
+    """
+    request = settings.timeout + settings.request_gap + BUSY_RETRIES * BUSY_WAIT
+    per_unit = REQUESTS_PER_UNIT * request + settings.timeout + settings.connect_delay
+    return unit_count * per_unit
+
 
 async def run_endpoint(
     settings: EndpointSettings,
@@ -566,13 +601,15 @@ async def run_endpoint(
     name: str = "",
     profiles: Mapping[int, RegisterMap] | None = None,
     quirks: Sequence[Quirk] | None = None,
+    monitor: RoundMonitor | None = None,
 ) -> None:
     """Poll every unit of one endpoint in turn every `poll_interval` seconds.
 
     `profiles` maps unit ids to register map profiles; other units are SunSpec
     devices, read with the matching `quirks` (default: the built-in ones).
-    Each Poll goes to `await sink(poll)`. The loop never ends on an error: it logs it and
-    goes on with the next unit. It returns soon after `stop` is set.
+    Each Poll goes to `await sink(poll)`, and each unit's result and the end of each
+    round to `monitor`. The loop never ends on an error: it logs it and goes on with
+    the next unit. It returns soon after `stop` is set.
     """
     endpoint = endpoint_factory(settings)
     pollers = [
@@ -585,8 +622,10 @@ async def run_endpoint(
     due = clock()
     try:
         while not stop.is_set():
-            await _poll_round(endpoint, pollers, sink, stop)
+            await _poll_round(endpoint, pollers, sink, stop, monitor)
             due = max(due + poll_interval, clock())
+            if monitor is not None:
+                monitor.round_finished(due - clock())
             await _wait(stop, due - clock())
     finally:
         await _close(endpoint)
@@ -603,16 +642,20 @@ def make_poller(endpoint: Endpoint, unit: int, profile: RegisterMap | None, *,
                       extra=profile)
 
 
-async def _poll_round(endpoint: Endpoint, pollers: Sequence[Poller],
-                      sink: Sink, stop: asyncio.Event) -> None:
+async def _poll_round(endpoint: Endpoint, pollers: Sequence[Poller], sink: Sink,
+                      stop: asyncio.Event, monitor: RoundMonitor | None) -> None:
     for poller in pollers:
         if stop.is_set():
             return
         try:
             polls = await poller.poll_devices()
-        except Exception:
+        except Exception as err:
             logger.exception("%s: poll failed unexpectedly", poller.address)
+            if monitor is not None:
+                monitor.polled(poller.address, [], f"poll failed unexpectedly: {err!r}")
             continue
+        if monitor is not None:
+            monitor.polled(poller.address, polls, poller.last_error)
         for poll in polls:
             try:
                 await sink(poll)

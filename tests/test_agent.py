@@ -40,7 +40,7 @@ def unit_poll(settings: EndpointSettings, unit_id: int) -> Poll:
                 DeviceState.ONLINE, values={"701.W": 100.0 * unit_id})
 
 
-async def poll_once_then_wait(settings, unit_ids, poll_interval, sink, stop):
+async def poll_once_then_wait(settings, unit_ids, poll_interval, sink, stop, **options):
     """Fake poller: commit one poll per unit, then wait for stop."""
     for unit_id in unit_ids:
         await sink(unit_poll(settings, unit_id))
@@ -94,7 +94,7 @@ async def test_polls_reach_collector(tmp_path, collector):
 async def test_last_send_on_stop(tmp_path, collector):
     # The forwarder's loop ends at stop, so a poll committed while stopping can only
     # reach the collector through the last send.
-    async def poll_at_stop(settings, unit_ids, poll_interval, sink, stop):
+    async def poll_at_stop(settings, unit_ids, poll_interval, sink, stop, **options):
         await stop.wait()
         for unit_id in unit_ids:
             await sink(unit_poll(settings, unit_id))
@@ -114,7 +114,7 @@ async def test_last_send_on_stop(tmp_path, collector):
 async def test_failed_poller_restarted(tmp_path, collector, caplog):
     calls = []
 
-    async def fail_first(settings, unit_ids, poll_interval, sink, stop):
+    async def fail_first(settings, unit_ids, poll_interval, sink, stop, **options):
         calls.append(settings.label)
         if calls.count(settings.label) == 1:
             raise RuntimeError("bus glitch")
@@ -141,7 +141,7 @@ async def test_failed_poller_restarted(tmp_path, collector, caplog):
 async def test_early_return_logged(tmp_path, collector, caplog):
     calls = []
 
-    async def return_once(settings, unit_ids, poll_interval, sink, stop):
+    async def return_once(settings, unit_ids, poll_interval, sink, stop, **options):
         calls.append(settings.label)
         if len(calls) > 1:
             await poll_once_then_wait(settings, unit_ids, poll_interval, sink, stop)
@@ -165,7 +165,7 @@ async def test_early_return_logged(tmp_path, collector, caplog):
 async def test_stuck_poller_cancelled(tmp_path, caplog):
     committed = asyncio.Event()
 
-    async def ignore_stop(settings, unit_ids, poll_interval, sink, stop):
+    async def ignore_stop(settings, unit_ids, poll_interval, sink, stop, **options):
         await sink(unit_poll(settings, unit_ids[0]))
         committed.set()
         await asyncio.Event().wait()
