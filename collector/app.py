@@ -1,4 +1,4 @@
-"""The collector's HTTP API (aiohttp): batch ingest, latest values, health.
+"""The collector's HTTP API (aiohttp): batch ingest, read routes, health.
 
 Every error reply is `{"error": "<one line>"}`. Its status shows the sender what to do:
 400 fix the batch, 401 or 403 fix the token or gateway id, 413 send smaller batches,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from collector import batch as wire
-from collector import fleet, ingest, migrate
+from collector import energy, fleet, gaps, ingest, migrate
 from collector.catalog import Authenticator
 from collector.config import CollectorConfig
 from collector.errors import BatchRejected, DatabaseError, NotFound, ShardUnavailable
@@ -26,6 +27,10 @@ from collector.sharding import ShardPools
 logger = logging.getLogger(__name__)
 
 _READ_CHUNK = 64 * 1024
+# Bounds of the read routes' `from` and `to`: a window of at most 366 days, ending
+# before 2100-01-01 UTC.
+MAX_WINDOW_MS = 366 * 86_400_000
+MAX_QUERY_TIME_MS = 4_102_444_800_000
 _ENCODINGS = ("", "identity", "gzip")
 
 
@@ -71,6 +76,8 @@ def create_app(config: CollectorConfig) -> web.Application:
     app.cleanup_ctx.append(_services(config))
     app.router.add_post("/api/v1/batches", post_batch)
     app.router.add_get("/api/v1/installations/{installation_id}/latest", get_latest)
+    app.router.add_get("/api/v1/installations/{installation_id}/energy", get_energy)
+    app.router.add_get("/api/v1/installations/{installation_id}/gaps", get_gaps)
     app.router.add_get("/healthz", get_health)
     return app
 
@@ -147,11 +154,13 @@ async def post_batch(request: web.Request) -> web.Response:
     if identity is None:
         raise Unauthorized("unknown or revoked gateway token")
     body = await read_body(request, services.config.server.max_batch_bytes)
-    batch = wire.parse(body)
+    tolerance_ms = round(services.config.server.future_tolerance * 1000)
+    batch = wire.parse(body, _now_ms(), tolerance_ms)
     if batch.gateway_id != identity.gateway_id:
         raise Forbidden(
             f"gateway_id {batch.gateway_id!r} does not match the token's gateway"
         )
+    _log_rejections(batch, services.config.server.future_tolerance)
     async with services.shards.connection(identity.shard) as conn:
         result = await ingest.store_batch(conn, identity.installation_id, batch)
     return web.json_response(
@@ -159,7 +168,30 @@ async def post_batch(request: web.Request) -> web.Response:
             "batch_id": result.batch_id,
             "stored": result.stored,
             "duplicates": result.duplicates,
+            "rejected": result.rejected,
         }
+    )
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _log_rejections(batch: wire.Batch, future_tolerance: float) -> None:
+    rejected = batch.rejected
+    if rejected == wire.Rejections():
+        return
+    logger.warning(
+        "gateway %s batch %s: left out %d readings stamped more than %g s ahead of "
+        "the collector's clock, %d readings stamped before 2000-01-01, %d states "
+        "and %d gaps with such times: check the gateway's clock",
+        batch.gateway_id,
+        batch.batch_id,
+        rejected.future,
+        future_tolerance,
+        rejected.early,
+        rejected.states,
+        rejected.gaps,
     )
 
 
@@ -199,15 +231,84 @@ def _operator(request: web.Request) -> Awaitable[str | None]:
 async def get_latest(request: web.Request) -> web.Response:
     """Return the latest value of every channel and the state of every device."""
     services = request.app[SERVICES]
+    installation_id, shard = await _operator_installation(request)
+    async with services.shards.connection(shard) as conn:
+        latest = await fleet.latest(conn, installation_id)
+    return web.json_response(latest)
+
+
+async def get_energy(request: web.Request) -> web.Response:
+    """Return the energy of every counter channel within `from` and `to`."""
+    services = request.app[SERVICES]
+    installation_id, shard = await _operator_installation(request)
+    window = _window(request)
+    async with services.shards.connection(shard) as conn:
+        counters = await energy.installation_energy(conn, installation_id, window)
+    return web.json_response(
+        {
+            "installation_id": installation_id,
+            "from": window[0],
+            "to": window[1],
+            "counters": [counter.to_json() for counter in counters],
+        }
+    )
+
+
+async def get_gaps(request: web.Request) -> web.Response:
+    """Return the time ranges within `from` and `to` without data, and why."""
+    services = request.app[SERVICES]
+    installation_id, shard = await _operator_installation(request)
+    window = _window(request)
+    offline_ms = round(services.config.server.gateway_offline_after * 1000)
+    async with services.shards.connection(shard) as conn:
+        found = await gaps.find_gaps(
+            conn, installation_id, window, offline_ms, _now_ms()
+        )
+    return web.json_response(
+        {
+            "installation_id": installation_id,
+            "from": window[0],
+            "to": window[1],
+            "gaps": [gap.to_json() for gap in found],
+        }
+    )
+
+
+async def _operator_installation(request: web.Request) -> tuple[int, str]:
+    """Check the operator key and return the installation id and its shard."""
+    services = request.app[SERVICES]
     if await _operator(request) is None:
         raise Unauthorized("unknown or revoked operator key")
     installation_id = _installation_id(request)
     shard = await services.auth.installation_shard(installation_id)
     if shard is None:
         raise NotFound(f"installation {installation_id} not found")
-    async with services.shards.connection(shard) as conn:
-        latest = await fleet.latest(conn, installation_id)
-    return web.json_response(latest)
+    return installation_id, shard
+
+
+def _window(request: web.Request) -> tuple[int, int]:
+    """Read the `from` and `to` query parameters, Unix milliseconds, from < to."""
+    start = _query_time(request, "from")
+    end = _query_time(request, "to")
+    if end <= start:
+        raise web.HTTPBadRequest(reason=f"to {end} must be later than from {start}")
+    if end - start > MAX_WINDOW_MS:
+        raise web.HTTPBadRequest(
+            reason=f"window of {end - start} ms is longer than the limit of "
+            f"{MAX_WINDOW_MS} ms (366 days): ask for a shorter range"
+        )
+    return start, end
+
+
+def _query_time(request: web.Request, name: str) -> int:
+    text = request.query.get(name, "")
+    valid = text.isascii() and text.isdigit() and len(text) <= 16
+    if not valid or not wire.MIN_TIME_MS <= int(text) <= MAX_QUERY_TIME_MS:
+        raise web.HTTPBadRequest(
+            reason=f"query parameter {name}={text!r} is invalid: send Unix "
+            f"milliseconds from {wire.MIN_TIME_MS} to {MAX_QUERY_TIME_MS}"
+        )
+    return int(text)
 
 
 def _installation_id(request: web.Request) -> int:

@@ -1,7 +1,10 @@
 """The batch wire format (format 1): parsing and validating a batch body.
 
 Any fault rejects the whole batch with a one-line reason that names the offending
-element, so that nothing of a malformed batch is stored.
+element, so that nothing of a malformed batch is stored. The one exception is a
+reading or state whose time cannot be right (a gateway clock not set, or running
+ahead): it is left out and counted, and the rest of the batch is stored, because a
+rejected batch would keep the gateway's good readings in quarantine.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ MAX_DEVICES = 1_000
 MAX_CHANNELS = 50_000
 MAX_READINGS = 200_000
 MAX_STATES = 50_000
+MAX_GAPS = 10_000
 MAX_ID_LENGTH = 200
 MAX_TEXT_LENGTH = 200
 MAX_UNIT_LENGTH = 32
-# Readings before 2000-01-01 UTC, or more than a day ahead of the collector's clock,
-# come from a gateway clock that is not set.
+# A time before 2000-01-01 UTC comes from a gateway clock that is not set.
 MIN_TIME_MS = 946_684_800_000
-MAX_AHEAD_MS = 86_400_000
+# How far ahead of the collector's clock a time may lie (`[server] future_tolerance`).
+DEFAULT_FUTURE_TOLERANCE_MS = 300_000
 _DEVICE_TEXT = ("name", "manufacturer", "model", "serial", "version", "address")
 
 
@@ -76,6 +80,33 @@ class State:
 
 
 @dataclass(frozen=True, slots=True)
+class Gap:
+    """Polls of one device that the gateway's buffer dropped, with their time range."""
+
+    device_id: str
+    first_ms: int
+    last_ms: int
+    readings: int
+    polls: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejections:
+    """Counts of rows left out of a batch because their time cannot be right."""
+
+    future: int = 0  # readings ahead of the collector's clock beyond the tolerance
+    early: int = 0  # readings before 2000-01-01 UTC
+    states: int = 0  # states with either kind of time
+    gaps: int = 0  # gaps with either kind of time at one of their ends
+
+    @property
+    def readings(self) -> int:
+        """Readings left out, of both kinds."""
+        return self.future + self.early
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     """A validated batch: every reading's device and channel are listed."""
 
@@ -85,12 +116,20 @@ class Batch:
     channels: tuple[Channel, ...]
     readings: tuple[Reading, ...]
     states: tuple[State, ...]
+    gaps: tuple[Gap, ...] = ()
+    rejected: Rejections = Rejections()
 
 
-def parse(body: bytes, now_ms: int | None = None) -> Batch:
+def parse(
+    body: bytes,
+    now_ms: int | None = None,
+    future_tolerance_ms: int = DEFAULT_FUTURE_TOLERANCE_MS,
+) -> Batch:
     """Parse and validate a batch body, JSON in UTF-8.
 
-    `now_ms` is the collector's clock in Unix milliseconds, to check reading times.
+    `now_ms` is the collector's clock in Unix milliseconds. Readings and states
+    before 2000-01-01 UTC or more than `future_tolerance_ms` ahead of it are left
+    out and counted in `Batch.rejected`.
 
     :raises BatchRejected: the body is not a valid format 1 batch.
     """
@@ -108,16 +147,30 @@ def parse(body: bytes, now_ms: int | None = None) -> Batch:
     gateway_id = _identifier(data.get("gateway_id"), "gateway_id")
     devices = _parse_devices(_array(data, "devices", MAX_DEVICES))
     channels = _parse_channels(_array(data, "channels", MAX_CHANNELS), devices)
-    times = (MIN_TIME_MS, now_ms + MAX_AHEAD_MS)
-    readings = _parse_readings(_array(data, "readings", MAX_READINGS), channels, times)
-    states = _parse_states(_array(data, "states", MAX_STATES), devices, times)
+    readings = _parse_readings(_array(data, "readings", MAX_READINGS), channels)
+    states = _parse_states(_array(data, "states", MAX_STATES), devices)
+    gaps = _parse_gaps(_array(data, "gaps", MAX_GAPS), devices)
+    latest_ms = now_ms + future_tolerance_ms
+    kept_readings = tuple(r for r in readings if MIN_TIME_MS <= r.time_ms <= latest_ms)
+    kept_states = tuple(s for s in states if MIN_TIME_MS <= s.time_ms <= latest_ms)
+    kept_gaps = tuple(
+        g for g in gaps if MIN_TIME_MS <= g.first_ms and g.last_ms <= latest_ms
+    )
+    rejected = Rejections(
+        future=sum(r.time_ms > latest_ms for r in readings),
+        early=sum(r.time_ms < MIN_TIME_MS for r in readings),
+        states=len(states) - len(kept_states),
+        gaps=len(gaps) - len(kept_gaps),
+    )
     return Batch(
         batch_id,
         gateway_id,
         tuple(devices.values()),
         tuple(channels.values()),
-        readings,
-        states,
+        kept_readings,
+        kept_states,
+        kept_gaps,
+        rejected,
     )
 
 
@@ -214,7 +267,7 @@ def _listed_device(value: Any, where: str, devices: dict[str, Device]) -> str:
 
 
 def _parse_readings(
-    items: list[Any], channels: dict[tuple[str, str], Channel], times: tuple[int, int]
+    items: list[Any], channels: dict[tuple[str, str], Channel]
 ) -> tuple[Reading, ...]:
     readings = []
     for index, item in enumerate(items):
@@ -229,15 +282,13 @@ def _parse_readings(
             )
         readings.append(
             Reading(
-                device_id, channel, _time(time_ms, where, times), _value(value, where)
+                device_id, channel, _time(time_ms, where), _value(value, where)
             )
         )
     return tuple(readings)
 
 
-def _parse_states(
-    items: list[Any], devices: dict[str, Device], times: tuple[int, int]
-) -> tuple[State, ...]:
+def _parse_states(items: list[Any], devices: dict[str, Device]) -> tuple[State, ...]:
     states = []
     for index, item in enumerate(items):
         where = f"states[{index}]"
@@ -248,8 +299,36 @@ def _parse_states(
                 f"{where}: state {_short(state)} is unknown: use one of "
                 f"{', '.join(sorted(STATES))}"
             )
-        states.append(State(device_id, _time(time_ms, where, times), state))
+        states.append(State(device_id, _time(time_ms, where), state))
     return tuple(states)
+
+
+def _parse_gaps(items: list[Any], devices: dict[str, Device]) -> tuple[Gap, ...]:
+    gaps = []
+    for index, item in enumerate(items):
+        where = f"gaps[{index}]"
+        if not isinstance(item, dict):
+            raise BatchRejected(f"{where} must be an object")
+        device_id = _listed_device(item.get("device_id"), f"{where}.device_id", devices)
+        first_ms = _time(item.get("first_time"), f"{where}.first_time")
+        last_ms = _time(item.get("last_time"), f"{where}.last_time")
+        if last_ms < first_ms:
+            raise BatchRejected(
+                f"{where}: last_time {last_ms} ms is before first_time {first_ms} ms"
+            )
+        readings = _count(item.get("readings"), f"{where}.readings")
+        polls = _count(item.get("polls"), f"{where}.polls")
+        reason = _identifier(item.get("reason"), f"{where}.reason")
+        gaps.append(Gap(device_id, first_ms, last_ms, readings, polls, reason))
+    return tuple(gaps)
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BatchRejected(
+            f"{where} must be a non-negative integer, got {_short(value)}"
+        )
+    return value
 
 
 def _row(item: Any, size: int, where: str) -> Sequence[Any]:
@@ -258,15 +337,10 @@ def _row(item: Any, size: int, where: str) -> Sequence[Any]:
     return item
 
 
-def _time(value: Any, where: str, times: tuple[int, int]) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _time(value: Any, where: str) -> int:
+    # The bound keeps a time within what PostgreSQL's timestamptz holds.
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 2**53:
         raise BatchRejected(f"{where}: time must be an integer of Unix milliseconds")
-    low, high = times
-    if not low <= value <= high:
-        raise BatchRejected(
-            f"{where}: time {value} ms is outside {low}..{high}: "
-            "check the gateway clock"
-        )
     return value
 
 

@@ -26,6 +26,8 @@ _SERVER_KEYS = (
     "max_batch_bytes",
     "shard_timeout",
     "auth_cache_seconds",
+    "future_tolerance",
+    "gateway_offline_after",
 )
 _DATABASE_KEYS = ("catalog", "embedded_dir")
 _SHARD_KEYS = ("name", "dsn")
@@ -40,6 +42,12 @@ class ServerConfig:
     max_batch_bytes: int = 16 * 1024 * 1024  # after gzip decompression
     shard_timeout: float = 5.0  # seconds to wait for a shard connection
     auth_cache_seconds: float = 30.0  # how long a token lookup is reused
+    # Seconds a reading's time may lie ahead of the collector's clock; later ones are
+    # rejected and counted.
+    future_tolerance: float = 300.0
+    # Seconds without any reading or state of an installation that make a gap in
+    # its data, reported as the gateway being offline.
+    gateway_offline_after: float = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +119,13 @@ def _parse_server(table: dict[str, Any]) -> ServerConfig:
     )
     shard_timeout = _seconds(table, "server", "shard_timeout", defaults.shard_timeout)
     cache = _seconds(table, "server", "auth_cache_seconds", defaults.auth_cache_seconds)
-    return ServerConfig(host, port, max_batch_bytes, shard_timeout, cache)
+    future = _seconds(table, "server", "future_tolerance", defaults.future_tolerance)
+    offline = _seconds(
+        table, "server", "gateway_offline_after", defaults.gateway_offline_after
+    )
+    return ServerConfig(
+        host, port, max_batch_bytes, shard_timeout, cache, future, offline
+    )
 
 
 def _parse_database(table: dict[str, Any], shards: Any) -> DatabaseConfig:

@@ -15,6 +15,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from collector import gaps
 from collector.batch import Batch
 
 logger = logging.getLogger(__name__)
@@ -90,11 +91,13 @@ WHERE d.installation_id = %(installation_id)s AND d.device_id = s.device_id
 
 @dataclass(frozen=True, slots=True)
 class IngestResult:
-    """Counts of a batch's readings stored now and already stored before."""
+    """Counts of a batch's readings stored now, already stored before, and rejected
+    for a time that cannot be right."""
 
     batch_id: str
     stored: int
     duplicates: int
+    rejected: int = 0
 
 
 def to_datetime(time_ms: int) -> datetime:
@@ -116,16 +119,19 @@ async def store_batch(
             logger.debug(
                 "batch %s of %s already stored", batch.batch_id, batch.gateway_id
             )
-            return IngestResult(batch.batch_id, 0, len(batch.readings))
+            return IngestResult(
+                batch.batch_id, 0, len(batch.readings), batch.rejected.readings
+            )
         params = {"installation_id": installation_id}
         await _upsert_devices(conn, params, batch)
         channel_ids = await _upsert_channels(conn, params, batch)
         stored = await _insert_readings(conn, params, batch, channel_ids)
         await _update_states(conn, params, batch)
+        await _store_history(conn, installation_id, batch)
         await conn.execute(
-            "UPDATE batches SET stored = %s "
+            "UPDATE batches SET stored = %s, rejected = %s "
             "WHERE installation_id = %s AND batch_id = %s",
-            (stored, installation_id, batch.batch_id),
+            (stored, batch.rejected.readings, installation_id, batch.batch_id),
         )
     logger.debug(
         "batch %s of %s: %d stored, %d duplicates",
@@ -134,7 +140,17 @@ async def store_batch(
         stored,
         len(batch.readings) - stored,
     )
-    return IngestResult(batch.batch_id, stored, len(batch.readings) - stored)
+    return IngestResult(
+        batch.batch_id, stored, len(batch.readings) - stored, batch.rejected.readings
+    )
+
+
+async def _store_history(
+    conn: AsyncConnection[Any], installation_id: int, batch: Batch
+) -> None:
+    # The state history and the reported drops feed the gaps API.
+    await gaps.store_states(conn, installation_id, batch)
+    await gaps.store_reported(conn, installation_id, batch)
 
 
 async def _ensure_partitions(conn: AsyncConnection[Any], batch: Batch) -> None:

@@ -206,5 +206,10 @@ async def test_shard_lost_mid_connection(fleet: Fleet, proxy_factory) -> None:
     assert first[0] == 200
     assert second == (
         200,
-        {"batch_id": second[1]["batch_id"], "stored": 3, "duplicates": 0},
+        {
+            "batch_id": second[1]["batch_id"],
+            "stored": 3,
+            "duplicates": 0,
+            "rejected": 0,
+        },
     )

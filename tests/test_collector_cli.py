@@ -43,7 +43,8 @@ def test_migrate_prints_applied(
 
     assert first == (
         0,
-        "catalog: 0001_catalog\nshard-1: 0001_shard\nshard-2: 0001_shard\n",
+        "catalog: 0001_catalog\nshard-1: 0001_shard, 0002_gaps\n"
+        "shard-2: 0001_shard, 0002_gaps\n",
         "",
     )
     assert second == (

@@ -54,7 +54,8 @@ BAD = [
     (
         {"server": {"prot": 1}},
         "unknown key [server] prot: remove it or use one of host, "
-        "port, max_batch_bytes, shard_timeout, auth_cache_seconds",
+        "port, max_batch_bytes, shard_timeout, auth_cache_seconds, "
+        "future_tolerance, gateway_offline_after",
     ),
     (
         {"server": {"port": "80"}},

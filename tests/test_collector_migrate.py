@@ -46,11 +46,13 @@ def test_migrate_shard_creates_tables(empty_databases: CollectorDatabases) -> No
 
     applied = migrate.migrate(dsn, "shard")
 
-    assert [m.label for m in applied] == ["0001_shard"]
+    assert [m.label for m in applied] == ["0001_shard", "0002_gaps"]
     assert tables(dsn) == [
         "batches",
         "channels",
+        "device_states",
         "devices",
+        "gaps",
         "readings",
         "schema_migrations",
     ]
@@ -64,8 +66,8 @@ def test_migrate_all_idempotent(empty_databases: CollectorDatabases) -> None:
 
     assert {name: [m.label for m in ms] for name, ms in first.items()} == {
         "catalog": ["0001_catalog"],
-        "shard-1": ["0001_shard"],
-        "shard-2": ["0001_shard"],
+        "shard-1": ["0001_shard", "0002_gaps"],
+        "shard-2": ["0001_shard", "0002_gaps"],
     }
     assert second == {"catalog": [], "shard-1": [], "shard-2": []}
     with psycopg.connect(empty_databases.catalog_dsn) as conn:
