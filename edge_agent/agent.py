@@ -29,7 +29,6 @@ from edge_agent.forwarder import Forwarder
 from edge_agent.readings import Poll
 from edge_agent.retry import Backoff
 from edge_agent.service import (
-    PROGRESS_SLACK,
     Notifier,
     Progress,
     run_watchdog,
@@ -62,12 +61,12 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event, *,
                     backoff: Backoff = Backoff(),
                     shutdown_timeout: float = SHUTDOWN_TIMEOUT,
                     environ: Mapping[str, str] | None = None,
-                    progress_slack: float = PROGRESS_SLACK) -> None:
+                    progress: Progress | None = None) -> None:
     """Poll, buffer and forward until `stop` is set, then shut down in bounded time.
 
     `poll_endpoint` defaults to `edge_agent.poller.run_endpoint`; tests pass a fake.
     `environ` (default `os.environ`) supplies systemd's NOTIFY_SOCKET and
-    WATCHDOG_USEC; `progress_slack` is `Progress.slack` for the watchdog.
+    WATCHDOG_USEC; `progress` (default: a new `Progress`) is what the watchdog checks.
 
     :raises BufferFileError: when the buffer file cannot be opened.
     :raises StatusError: when the status port cannot be listened on.
@@ -94,7 +93,7 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event, *,
                                         forwarder, notifier, server)
             watchdog = watchdog_interval(environ)
             await _serve(config, stop, forwarder, publisher, poll_endpoint, backoff,
-                         shutdown_timeout, Progress(progress_slack), watchdog)
+                         shutdown_timeout, progress or Progress(), watchdog)
     finally:
         await asyncio.to_thread(buffer.close)
         notifier.close()

@@ -89,7 +89,7 @@ class Forwarder:
 
     @property
     def failures(self) -> int:
-        """Failed attempts in the current outage; 0 while the collector takes batches."""
+        """Failed attempts in the current outage; 0 while batches get through."""
         return self._failures
 
     async def __aenter__(self) -> Forwarder:
@@ -240,8 +240,8 @@ class Forwarder:
         self.last_error_ms = time.time_ns() // 1_000_000
         fields = {"batch": self._batch_id}
         if self._failures == 0:
-            logger.warning("%s; retrying with backoff, readings stay in the buffer", error,
-                           extra=fields)
+            logger.warning("%s; retrying with backoff, readings stay in the buffer",
+                           error, extra=fields)
         else:
             logger.debug("attempt %d failed: %s", state.attempt_number, error,
                          extra=fields)

@@ -82,7 +82,8 @@ class Notifier:
             address = self.address
             if address.startswith("@"):
                 address = "\0" + address[1:]  # Linux abstract namespace
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+            sock = socket.socket(socket.AF_UNIX, kind)
             sock.setblocking(False)
             try:
                 sock.connect(address)
