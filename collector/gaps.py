@@ -137,7 +137,7 @@ class DataGap:
     ongoing: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        """The gap as the gaps API sends it."""
+        """Return the gap as the gaps API sends it."""
         data = asdict(self)
         data["from"] = data.pop("first_ms")
         data["to"] = data.pop("last_ms")
@@ -194,9 +194,13 @@ async def find_gaps(
     Ranges are clipped to the window. The result is ordered by start time.
     """
     params = _window_params(installation_id, window)
-    found = await _reported(conn, params, window)
-    found += await _device_down(conn, params, window)
-    found += await _gateway_offline(conn, params, window, gateway_offline_ms, now_ms)
+    reported = await _reported(conn, params, window)
+    # A gateway that dropped polls was polling, so drops count as its activity.
+    dropped = [(gap.first_ms, gap.last_ms) for gap in reported]
+    found = reported + await _device_down(conn, params, window)
+    found += await _gateway_offline(
+        conn, params, window, gateway_offline_ms, now_ms, dropped
+    )
     return sorted(found, key=lambda g: (g.first_ms, g.kind, g.device_id or ""))
 
 
@@ -262,10 +266,18 @@ def down_ranges(
             found.append(_clipped_down(device_id, run[0], time_ms, run[2], window))
             run = None
     if run is not None:
+        # Only the first state after the window is read, so a run that reaches past
+        # the window is clipped at its end and not known to be ongoing.
+        ongoing = run[1] < end
+        last_ms = run[1] if ongoing else end
         found.append(
-            _clipped_down(device_id, run[0], run[1], run[2], window, ongoing=True)
+            _clipped_down(device_id, run[0], last_ms, run[2], window, ongoing=ongoing)
         )
-    return [g for g in found if g.first_ms < end and g.last_ms >= start]
+    return [
+        g
+        for g in found
+        if g.first_ms < g.last_ms or (g.ongoing and start <= g.first_ms < end)
+    ]
 
 
 def _clipped_down(
@@ -287,18 +299,19 @@ async def _gateway_offline(
     window: tuple[int, int],
     gateway_offline_ms: int,
     now_ms: int,
+    dropped: list[tuple[int, int]],
 ) -> list[DataGap]:
     cur = await conn.execute(_SELECT_ACTIVITY, params)
-    times = [row[0] for row in await cur.fetchall()]
+    busy = [(row[0], row[0]) for row in await cur.fetchall()] + dropped
     cur = await conn.execute(_SELECT_ACTIVITY_BEFORE, params)
     before = (await cur.fetchone() or (None,))[0]
     cur = await conn.execute(_SELECT_ACTIVITY_AFTER, params)
     after = (await cur.fetchone() or (None,))[0]
-    return silent_ranges(times, before, after, window, gateway_offline_ms, now_ms)
+    return silent_ranges(busy, before, after, window, gateway_offline_ms, now_ms)
 
 
 def silent_ranges(
-    times: list[int],
+    busy: list[tuple[int, int]],
     before: int | None,
     after: int | None,
     window: tuple[int, int],
@@ -307,31 +320,25 @@ def silent_ranges(
 ) -> list[DataGap]:
     """Find the ranges longer than `gateway_offline_ms` without any activity.
 
-    `times` are the sorted times of readings and states in the window, `before` the
-    last such time before it and `after` the first one after it (None if there is
-    none). With nothing before, the window's start counts as the last activity. With
-    nothing after, silence up to the window's end or `now_ms`, whichever is earlier,
-    is an ongoing gap.
+    `busy` contains the (first, last) times of activity in the window: a reading or
+    state is one instant, a reported drop a range. `before` is the last activity
+    before the window and `after` the first one after it (None if there is none).
+    With nothing before, the window's start counts as the last activity. With nothing
+    after, silence up to the window's end or `now_ms`, whichever is earlier, is an
+    ongoing gap.
     """
     start, end = window
-    points = [start if before is None else before, *times]
     closing = after if after is not None else min(end, now_ms)
-    points.append(closing)
-    final = len(points) - 2
+    spans = sorted([*busy, (closing, closing)])
+    covered = start if before is None else before
     found = []
-    for index, (first, last) in enumerate(zip(points, points[1:])):
-        if last - first <= gateway_offline_ms:
-            continue
-        found.append(
-            DataGap(
-                "gateway",
-                None,
-                max(first, start),
-                min(last, end),
-                "gateway-offline",
-                ongoing=after is None and index == final,
-            )
-        )
+    for index, (first, last) in enumerate(spans):
+        silent = (max(covered, start), min(first, end))  # clipped to the window
+        if first - covered > gateway_offline_ms and silent[0] < silent[1]:
+            ongoing = after is None and index == len(spans) - 1
+            found.append(DataGap("gateway", None, *silent, "gateway-offline",
+                                 ongoing=ongoing))
+        covered = max(covered, last)
     return found
 
 

@@ -1,4 +1,4 @@
-"""Energy from lifetime counters: field cases through the agent's decoding, and rules."""
+"""Energy from lifetime counters: field cases through the agent's decoding, rules."""
 
 from __future__ import annotations
 
