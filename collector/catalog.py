@@ -101,8 +101,8 @@ def _connect(dsn: str) -> Iterator[psycopg.Connection[Any]]:
             yield conn
     except psycopg.errors.UndefinedTable as err:
         raise DatabaseError(
-            f"catalog database {label} has no schema: "
-            "run `solarfleet-collector migrate`"
+            f"catalog database {label} has no schema: run `solarfleet-collector "
+            "migrate` with the same --config (or SOLARFLEET_COLLECTOR_CONFIG)"
         ) from err
     except psycopg.OperationalError as err:
         first_line = (str(err).strip().splitlines() or ["connection failed"])[0]

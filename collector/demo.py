@@ -11,9 +11,12 @@ Each start begins from empty databases and buffers under the work directory.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +41,11 @@ from edge_agent.images import load_image
 from edge_agent.simulator import Simulator
 
 logger = logging.getLogger(__name__)
+
+
+class DemoError(Exception):
+    """The demo cannot start; the message says what to change."""
+
 
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "config" / "demo"
 # AC power channels of the inverter models: integer, float and IEEE 1547 families.
@@ -230,9 +238,46 @@ async def watch(shards: tuple[tuple[str, str], ...], sites: list[RunningSite],
             stop.set()
 
 
+def lock_workdir(workdir: Path) -> int:
+    """Take an exclusive lock on the work directory, held until this process exits.
+
+    A second demo on the same directory would drop the first one's databases.
+
+    :raises DemoError: another demo holds the lock.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(workdir / "demo.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        os.close(descriptor)
+        raise DemoError(
+            f"another demo is running in {workdir}: stop it, or start this one with "
+            "--workdir DIR and --port N"
+        ) from err
+    return descriptor
+
+
+def check_port_free(port: int) -> None:
+    """Raise DemoError unless 127.0.0.1:`port` can be bound now."""
+    with socket.socket() as probe:
+        # As the collector's listener does, so that connections in TIME_WAIT from a
+        # previous run do not count as in use.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise DemoError(
+                f"port {port} on 127.0.0.1 is in use ({err.strerror}): "
+                "start the demo with --port N"
+            ) from err
+
+
 async def run_demo(workdir: Path, port: int, interval: float,
                    duration: float | None) -> None:
     """Run the whole demo until Ctrl-C (or `duration` seconds) and shut it down."""
+    lock_workdir(workdir)
+    check_port_free(port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -285,7 +330,7 @@ def main(workdir: Path, port: int, interval: float, duration: float | None) -> N
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(run_demo(workdir, port, interval, duration))
-    except (CollectorError, OSError) as err:
+    except (CollectorError, DemoError, OSError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
 

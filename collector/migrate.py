@@ -92,8 +92,11 @@ def migrate(dsn: str, kind: str) -> list[Migration]:
             return [m for m in migrations(kind) if _apply(conn, m)]
     except psycopg.Error as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        hint = ""
+        if "does not exist" in first_line:
+            hint = f"; create it first (createdb {dbname_of(dsn)}) and run migrate again"
         raise DatabaseError(
-            f"cannot migrate {kind} database {label}: {first_line}"
+            f"cannot migrate {kind} database {label}: {first_line}{hint}"
         ) from err
 
 
