@@ -301,9 +301,10 @@ class StatusServer:
             await site.start()
         except OSError as err:
             await self._runner.cleanup()
+            reason = os.strerror(err.errno) if err.errno else str(err)
             raise StatusError(
                 f"cannot serve the status on {self.settings.host}:{self.settings.port} "
-                f"({err.strerror or err}); choose another [status] port"
+                f"({reason}); choose another [status] port"
             ) from err
         logger.info("serving the status at http://%s:%d%s", self.settings.host,
                     self.settings.port, STATUS_PATH)
