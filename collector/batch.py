@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from collector.errors import BatchRejected
 
@@ -34,6 +34,7 @@ MAX_UNIT_LENGTH = 32
 MIN_TIME_MS = 946_684_800_000
 # How far ahead of the collector's clock a time may lie (`[server] future_tolerance`).
 DEFAULT_FUTURE_TOLERANCE_MS = 300_000
+_MAX_TIME_MS = 2**53  # the bound of `_time`
 _DEVICE_TEXT = ("name", "manufacturer", "model", "serial", "version", "address")
 
 
@@ -64,8 +65,10 @@ class Channel:
         return self.name.rsplit(".", 1)[-1]
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+class Reading(NamedTuple):
+    """One reading of a batch. A named tuple, because a batch holds up to 200,000
+    and a tuple is built five times faster than a frozen dataclass."""
+
     device_id: str
     channel: str
     time_ms: int
@@ -271,21 +274,37 @@ def _parse_readings(
 ) -> tuple[Reading, ...]:
     readings = []
     for index, item in enumerate(items):
-        where = f"readings[{index}]"
-        device_id, channel, time_ms, value = _row(item, 4, where)
-        if not isinstance(device_id, str) or not isinstance(channel, str):
-            raise BatchRejected(f"{where}: device id and channel must be strings")
-        if (device_id, channel) not in channels:
-            raise BatchRejected(
-                f"{where}: channel {channel!r} of {device_id!r} "
-                "is not listed in channels"
-            )
-        readings.append(
-            Reading(
-                device_id, channel, _time(time_ms, where), _value(value, where)
-            )
-        )
+        # The checks of _parse_reading, inline for the common case of a valid row
+        # with a finite float or null, because batches hold up to 200,000 rows.
+        if type(item) is list and len(item) == 4:
+            device_id, channel, time_ms, value = item
+            if (
+                type(device_id) is str
+                and type(channel) is str
+                and type(time_ms) is int
+                and -_MAX_TIME_MS <= time_ms <= _MAX_TIME_MS
+                and (value is None or (type(value) is float and math.isfinite(value)))
+                and (device_id, channel) in channels
+            ):
+                readings.append(Reading(device_id, channel, time_ms, value))
+                continue
+        readings.append(_parse_reading(item, index, channels))
     return tuple(readings)
+
+
+def _parse_reading(
+    item: Any, index: int, channels: dict[tuple[str, str], Channel]
+) -> Reading:
+    where = f"readings[{index}]"
+    device_id, channel, time_ms, value = _row(item, 4, where)
+    if not isinstance(device_id, str) or not isinstance(channel, str):
+        raise BatchRejected(f"{where}: device id and channel must be strings")
+    if (device_id, channel) not in channels:
+        raise BatchRejected(
+            f"{where}: channel {channel!r} of {device_id!r} "
+            "is not listed in channels"
+        )
+    return Reading(device_id, channel, _time(time_ms, where), _value(value, where))
 
 
 def _parse_states(items: list[Any], devices: dict[str, Device]) -> tuple[State, ...]:

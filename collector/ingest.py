@@ -1,8 +1,9 @@
 """Storing a validated batch in its installation's shard, exactly once.
 
 One shard transaction per batch: claim the batch id, register new devices and channels,
-COPY the readings into a staging table, insert those not stored yet, move each channel's
-latest value, and record the devices' latest states. The caller replies 200 only after
+COPY the readings into the readings table (through a staging table that skips those
+already stored, when there are any), move each channel's latest value, and record the
+devices' latest states. The caller replies 200 only after
 the commit, so a batch whose reply is lost is resent and then recognised by its id.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 
 from collector import gaps
@@ -22,10 +24,14 @@ logger = logging.getLogger(__name__)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+# A row of the readings table: installation id, channel id, time, value.
+ReadingRow = tuple[int, int, datetime, float | None]
+
 # ON COMMIT DELETE ROWS empties the table at every commit, and a pooled connection
 # reuses it for the next batch instead of creating a table per batch.
 _CREATE_STAGING = """
 CREATE TEMPORARY TABLE IF NOT EXISTS staging_readings (
+    installation_id bigint NOT NULL,
     channel_id bigint NOT NULL,
     time timestamptz NOT NULL,
     value double precision
@@ -66,17 +72,25 @@ WHERE c.installation_id = %(installation_id)s AND d.device_id = ANY(%(device_ids
 # DISTINCT ON keeps one row per (channel, time) when a batch repeats a reading.
 _INSERT_READINGS = """
 INSERT INTO readings (installation_id, channel_id, time, value)
-SELECT DISTINCT ON (channel_id, time) %(installation_id)s, channel_id, time, value
+SELECT DISTINCT ON (channel_id, time) installation_id, channel_id, time, value
 FROM staging_readings ORDER BY channel_id, time
 ON CONFLICT DO NOTHING
 """
 
 _UPDATE_LATEST = """
 UPDATE channels c SET last_time = s.time, last_value = s.value
-FROM (SELECT DISTINCT ON (channel_id) channel_id, time, value
-      FROM staging_readings ORDER BY channel_id, time DESC) AS s
+FROM unnest(%(channel_ids)b::bigint[], %(times)b::timestamptz[],
+            %(values)b::float8[]) AS s (channel_id, time, value)
 WHERE c.id = s.channel_id AND (c.last_time IS NULL OR c.last_time < s.time)
 """
+
+_COPY_READINGS = (
+    "COPY readings (installation_id, channel_id, time, value) FROM STDIN (FORMAT BINARY)"
+)
+_COPY_STAGING = (
+    "COPY staging_readings (installation_id, channel_id, time, value) "
+    "FROM STDIN (FORMAT BINARY)"
+)
 
 _UPDATE_STATES = """
 UPDATE devices d SET state = s.state, state_time = s.time
@@ -98,6 +112,10 @@ class IngestResult:
     stored: int
     duplicates: int
     rejected: int = 0
+
+
+def _channel_and_time(row: ReadingRow) -> tuple[int, datetime]:
+    return row[1], row[2]
 
 
 def to_datetime(time_ms: int) -> datetime:
@@ -156,12 +174,15 @@ async def _store_history(
 async def _ensure_partitions(conn: AsyncConnection[Any], batch: Batch) -> None:
     # Creating a partition locks the whole readings table, so it happens in a short
     # transaction of its own before the batch transaction takes its row locks.
+    # A batch holds few distinct times (one per poll round), so they are converted
+    # once each.
+    times = {r.time_ms for r in batch.readings}
     months = sorted(
         {
-            to_datetime(r.time_ms).replace(
+            to_datetime(time_ms).replace(
                 day=1, hour=0, minute=0, second=0, microsecond=0
             )
-            for r in batch.readings
+            for time_ms in times
         }
     )
     if not months:
@@ -236,22 +257,71 @@ async def _insert_readings(
     batch: Batch,
     channel_ids: dict[tuple[str, str], int],
 ) -> int:
+    """Insert the batch's readings that are not stored yet; return how many."""
     if not batch.readings:
         return 0
-    await conn.execute(_CREATE_STAGING)
-    async with conn.cursor() as cur:
-        copy_sql = (
-            "COPY staging_readings (channel_id, time, value) FROM STDIN (FORMAT BINARY)"
-        )
-        async with cur.copy(copy_sql) as copy:
-            copy.set_types(["int8", "timestamptz", "float8"])
-            for r in batch.readings:
-                channel_id = channel_ids[(r.device_id, r.channel)]
-                await copy.write_row((channel_id, to_datetime(r.time_ms), r.value))
-        await cur.execute(_INSERT_READINGS, params)
-        stored = cur.rowcount
-    await conn.execute(_UPDATE_LATEST)
+    rows = _reading_rows(params["installation_id"], batch, channel_ids)
+    # Nearly every batch holds only new readings, so they are copied straight into
+    # readings. A reading already stored (the same poll resent under another batch
+    # id) raises a unique violation, and then the batch takes the slower way through
+    # a staging table that skips the stored ones.
+    try:
+        async with conn.transaction():
+            await _copy(conn, _COPY_READINGS, rows)
+        stored = len(rows)
+    except psycopg.errors.UniqueViolation:
+        stored = await _insert_new_readings(conn, params, rows)
+    await _update_latest(conn, rows)
     return stored
+
+
+def _reading_rows(
+    installation_id: int, batch: Batch, channel_ids: dict[tuple[str, str], int]
+) -> list[ReadingRow]:
+    """Return the readings as rows of readings, sorted by channel and time.
+
+    Sorted, so that concurrent batches that hold the same readings take their locks
+    in the same order and cannot deadlock.
+    """
+    times = {time_ms: to_datetime(time_ms) for time_ms in {r.time_ms for r in
+                                                           batch.readings}}
+    rows = [
+        (installation_id, channel_ids[(r.device_id, r.channel)], times[r.time_ms],
+         r.value)
+        for r in batch.readings
+    ]
+    rows.sort(key=_channel_and_time)
+    return rows
+
+
+async def _copy(conn: AsyncConnection[Any], statement: str,
+                rows: list[ReadingRow]) -> None:
+    async with conn.cursor() as cur, cur.copy(statement) as copy:
+        copy.set_types(["int8", "int8", "timestamptz", "float8"])
+        for row in rows:
+            await copy.write_row(row)
+
+
+async def _insert_new_readings(
+    conn: AsyncConnection[Any], params: dict[str, Any], rows: list[ReadingRow]
+) -> int:
+    await conn.execute(_CREATE_STAGING)
+    await _copy(conn, _COPY_STAGING, rows)
+    cur = await conn.execute(_INSERT_READINGS, params)
+    return cur.rowcount
+
+
+async def _update_latest(conn: AsyncConnection[Any], rows: list[ReadingRow]) -> None:
+    # Rows are sorted by channel and time, so each channel's last row is its latest.
+    latest = {channel_id: (time, value) for _, channel_id, time, value in rows}
+    await conn.execute(
+        _UPDATE_LATEST,
+        {
+            "channel_ids": list(latest),
+            "times": [time for time, _ in latest.values()],
+            "values": [value for _, value in latest.values()],
+        },
+    )
 
 
 async def _update_states(
