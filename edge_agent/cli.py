@@ -139,7 +139,7 @@ def status_command(config_path: Path) -> None:
     The running agent publishes its status every [status] interval seconds. The
     command reads it from the agent's HTTP endpoint when [status] port is set, and
     from the status file beside the buffer otherwise or when the endpoint does not
-    answer.
+    reply.
 
     Example: solarfleet-agent status --config /etc/solarfleet/agent.toml
     """

@@ -58,7 +58,7 @@ class BufferConfig:
 
 @dataclass(frozen=True, slots=True)
 class StatusConfig:
-    """Where the running agent publishes its status, and how often."""
+    """Settings of the running agent's status file and HTTP status endpoint."""
 
     path: Path  # JSON file that the agent rewrites, beside the buffer file
     interval: float = 5.0  # seconds between two writes of the status

@@ -572,17 +572,17 @@ class RoundMonitor(Protocol):
     """Receives the result of every unit's poll and the end of every round."""
 
     def polled(self, address: str, polls: Sequence[Poll], error: str | None) -> None:
-        """One unit was polled; `error` tells why it failed, None when it answered."""
+        """Record a unit's polls; `error` is why the poll failed, None on success."""
 
     def round_finished(self, next_round_in: float) -> None:
-        """A round ended; the next one starts in `next_round_in` seconds."""
+        """Record the end of a round; the next starts in `next_round_in` seconds."""
 
 
 def round_limit(settings: EndpointSettings, unit_count: int) -> float:
     """Return the seconds a round over `unit_count` units takes at most (estimate).
 
     Each request waits at most the timeout, the request gap and the retries while a
-    device is busy; each unit may need a new connection with its connect delay.
+    device is busy. Each unit may also need a new connection and its connect delay.
     """
     request = settings.timeout + settings.request_gap + BUSY_RETRIES * BUSY_WAIT
     per_unit = REQUESTS_PER_UNIT * request + settings.timeout + settings.connect_delay

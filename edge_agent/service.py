@@ -211,8 +211,8 @@ def _field_value(value: object) -> str:
 def journal_stream(environ: Mapping[str, str] = os.environ) -> bool:
     """Tell whether stderr is connected to journald.
 
-    systemd sets JOURNAL_STREAM to the device and inode of the stream it connected;
-    a process whose stderr was redirected since then no longer logs to journald.
+    systemd sets JOURNAL_STREAM to the device and inode of the stream it connected.
+    A process whose stderr was redirected since then no longer logs to journald.
     """
     value = environ.get("JOURNAL_STREAM", "")
     device, _, inode = value.partition(":")

@@ -39,7 +39,7 @@ STATUS_FORMAT = 1
 STATUS_PATH = "/status"
 NOT_POLLED = "not polled yet"  # state of a unit before its first poll
 FAILED = "failed"  # state of a unit whose poller raised an unexpected error
-ANSWERING = {DeviceState.ONLINE.value, DeviceState.SLEEPING.value}
+RESPONDING = {DeviceState.ONLINE.value, DeviceState.SLEEPING.value}
 # A status older than this many intervals is flagged: the agent may be stuck or gone.
 STALE_INTERVALS = 3
 
@@ -53,7 +53,7 @@ class DeviceStatus:
     state: str = NOT_POLLED  # a DeviceState value, NOT_POLLED or FAILED
     device_ids: tuple[str, ...] = ()  # devices found behind the unit id
     last_poll_ms: int | None = None
-    last_success_ms: int | None = None  # last poll in which the device answered
+    last_success_ms: int | None = None  # last poll in which the device responded
     last_error: str | None = None  # kept after a recovery, with its time
     last_error_ms: int | None = None
 
@@ -153,7 +153,7 @@ class StatusBoard:
         current = replace(previous, state=state, last_poll_ms=time_ms,
                           device_ids=tuple(p.device.device_id for p in polls)
                           or previous.device_ids)
-        if state in ANSWERING:
+        if state in RESPONDING:
             current = replace(current, last_success_ms=time_ms)
         if error is not None:
             current = replace(current, last_error=error, last_error_ms=time_ms)
@@ -347,7 +347,7 @@ def read_status(path: Path) -> AgentStatus:
 def fetch_status(settings: StatusConfig, timeout: float = 5.0) -> AgentStatus:
     """Get the status from the agent's HTTP endpoint.
 
-    :raises StatusError: when the agent does not answer with a status.
+    :raises StatusError: when the agent does not reply with a status.
     """
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     url = f"http://{host}:{settings.port}{STATUS_PATH}"
@@ -374,13 +374,13 @@ def _parse(document: Any, source: str) -> AgentStatus:
 
 def summary(status: AgentStatus) -> str:
     """Summarise a status in one line, for systemd's STATUS=."""
-    answering = sum(1 for d in status.devices if d.state in ANSWERING)
+    responding = sum(1 for d in status.devices if d.state in RESPONDING)
     buffer = status.buffer
     oldest = "" if buffer.oldest_age is None else f", oldest {buffer.oldest_age:.0f} s"
     collector = status.collector
     link = ("collector ok" if collector.failures == 0
             else f"collector failing ({collector.failures} failed attempts)")
-    return (f"{answering} of {len(status.devices)} units answering; buffer "
+    return (f"{responding} of {len(status.devices)} units responding; buffer "
             f"{buffer.readings} readings{oldest}; {link}")
 
 

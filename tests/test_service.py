@@ -1,7 +1,7 @@
 """The agent under systemd: sd_notify datagrams, the watchdog, journal logs, SIGTERM.
 
-A real AF_UNIX datagram socket stands in for systemd's notification socket, both for
-the agent in this process and for `solarfleet-agent run` subprocesses that poll a
+A real AF_UNIX datagram socket plays systemd's notification socket, both for the
+agent in this process and for `solarfleet-agent run` subprocesses that poll a
 simulator on 127.0.0.1.
 """
 
@@ -376,18 +376,18 @@ async def test_run_notifies_systemd(tmp_path, systemd_socket, serve_image):
         first = await systemd_socket.receive()
         ready = await systemd_socket.receive()
         await systemd_socket.receive_until("WATCHDOG", "1")
-        answering = await systemd_socket.receive_until("STATUS")
-        while not answering["STATUS"].startswith("1 of 1 units answering"):
-            answering = await systemd_socket.receive_until("STATUS")
+        responding = await systemd_socket.receive_until("STATUS")
+        while not responding["STATUS"].startswith("1 of 1 units responding"):
+            responding = await systemd_socket.receive_until("STATUS")
         log = await stop_agent(process)
     finally:
         await collector.stop()
 
     assert process.returncode == 0, log
-    assert first == {"STATUS": "0 of 1 units answering; buffer 0 readings; "
+    assert first == {"STATUS": "0 of 1 units responding; buffer 0 readings; "
                                "collector ok"}
     assert ready == {"READY": "1"}
-    assert answering["STATUS"].endswith("; collector ok")
+    assert responding["STATUS"].endswith("; collector ok")
     stopping = await systemd_socket.receive_until("STOPPING", "1")
     assert stopping == {"STOPPING": "1", "STATUS": "stopping within 10 s"}
     assert collector.received  # the polls went on to the collector

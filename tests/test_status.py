@@ -178,7 +178,7 @@ def test_format_status_stopped_not_stale():
 
 
 def test_summary_line():
-    assert summary(sample_status()) == ("1 of 3 units answering; buffer 480 readings, "
+    assert summary(sample_status()) == ("1 of 3 units responding; buffer 480 readings, "
                                         "oldest 45 s; collector failing (7 failed "
                                         "attempts)")
 
@@ -279,7 +279,7 @@ async def test_running_agent_status(tmp_path, serve_image):
         _, stderr = await asyncio.wait_for(process.communicate(), LIMIT)
 
     assert process.returncode == 0, stderr.decode()
-    # The file holds the document that the endpoint serves, unless a round passed.
+    # The file contains the document that the endpoint serves, unless a round passed.
     assert on_disk == served or on_disk["updated_ms"] != served["updated_ms"]
 
     status = AgentStatus.from_json(after)
@@ -305,8 +305,8 @@ async def test_running_agent_status(tmp_path, serve_image):
     assert status.buffer.readings > 0
     assert document["format"] == 1
 
-    # The stopped agent leaves its last status in the file; the command says where
-    # it read it from, because the endpoint is gone.
+    # The stopped agent leaves its last status in the file. The endpoint is gone, so
+    # the command names the file it read instead.
     final = read_status(tmp_path / "buffer.status.json")
     assert final.running is False
     result = await asyncio.to_thread(run_status_command, config_path)
