@@ -26,6 +26,7 @@ from edge_agent.buffer import Buffer, BufferLimits, Overflow
 from edge_agent.config import AgentConfig, DeviceGroup
 from edge_agent.errors import CollectorUnavailable
 from edge_agent.forwarder import Forwarder
+from edge_agent.poller import run_endpoint
 from edge_agent.readings import Poll
 from edge_agent.retry import Backoff
 from edge_agent.service import (
@@ -71,9 +72,7 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event, *,
     :raises BufferFileError: when the buffer file cannot be opened.
     :raises StatusError: when the status port cannot be listened on.
     """
-    if poll_endpoint is None:
-        # Imported here so that the agent's tests, which pass a fake, need no Modbus stack.
-        from edge_agent.poller import run_endpoint as poll_endpoint
+    poll_endpoint = poll_endpoint or run_endpoint
     environ = os.environ if environ is None else environ
 
     buffer = await asyncio.to_thread(open_buffer, config)

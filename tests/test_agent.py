@@ -40,7 +40,8 @@ def unit_poll(settings: EndpointSettings, unit_id: int) -> Poll:
                 DeviceState.ONLINE, values={"701.W": 100.0 * unit_id})
 
 
-async def poll_once_then_wait(settings, unit_ids, poll_interval, sink, stop, **options):
+async def poll_once_then_wait(settings, unit_ids, poll_interval, sink, stop,
+                              **options):
     """Fake poller: commit one poll per unit, then wait for stop."""
     for unit_id in unit_ids:
         await sink(unit_poll(settings, unit_id))
