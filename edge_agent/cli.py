@@ -10,11 +10,15 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.errors import AgentError, ConfigError
+
+if TYPE_CHECKING:
+    from edge_agent.scan import ConfigHead
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
@@ -250,10 +254,22 @@ _PROGRESS_FROM = 20
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--write-config", "config_path", type=_CONFIG_FILE, default=None,
               help="Write the devices found as a [[devices]] table to this agent "
-                   "config; a new file also gets gateway, collector and buffer "
-                   "placeholders, and an existing one is appended to.")
+                   "config. A new file also gets [gateway], [collector] and [buffer] "
+                   "tables, with placeholders for the values that --gateway-id, "
+                   "--collector-url and --token do not set. An existing file is "
+                   "appended to.")
+@click.option("--gateway-id", default=None, metavar="ID",
+              help="Gateway id for a new --write-config file, as registered with "
+                   "`solarfleet-collector gateways add`.")
+@click.option("--collector-url", default=None, metavar="URL",
+              help="Collector base URL for a new --write-config file. Default: "
+                   "http://127.0.0.1:8080.")
+@click.option("--token", default=None, metavar="TOKEN",
+              help="Gateway token for a new --write-config file, as printed by "
+                   "`solarfleet-collector gateways add`.")
 def scan(target: str, units: str | None, bases: str, timeout: float, baudrate: int,
-         parity: str, as_json: bool, config_path: Path | None) -> None:
+         parity: str, as_json: bool, config_path: Path | None, gateway_id: str | None,
+         collector_url: str | None, token: str | None) -> None:
     """Find SunSpec devices on a Modbus endpoint and show what each unit id holds.
 
     TARGET is host[:port] (Modbus TCP, port 502 by default),
@@ -266,6 +282,8 @@ def scan(target: str, units: str | None, bases: str, timeout: float, baudrate: i
     from edge_agent import scan as scanning
 
     _quiet_unless_verbose()
+    head = scanning.ConfigHead(gateway_id, collector_url, token)
+    _check_head_options(config_path, head)
     try:
         settings = scanning.parse_target(target, timeout=timeout, baudrate=baudrate,
                                          parity=parity)
@@ -286,7 +304,27 @@ def scan(target: str, units: str | None, bases: str, timeout: float, baudrate: i
         click.echo(f"error: no SunSpec device found on {settings.label}", err=True)
         sys.exit(1)
     if config_path is not None:
-        _write_scan_config(config_path, settings, results)
+        _write_scan_config(config_path, head, settings, results)
+
+
+def _check_head_options(path: Path | None, head: ConfigHead) -> None:
+    """Exit with one line where --gateway-id, --collector-url or --token is unused."""
+    from edge_agent.scan import join_names
+
+    values = {"--gateway-id": head.gateway_id, "--collector-url": head.collector_url,
+              "--token": head.token}
+    options = [option for option, value in values.items() if value is not None]
+    if not options:
+        return
+    if path is None:
+        click.echo(f"error: without --write-config there is no config file for "
+                   f"{join_names(options)}; add --write-config FILE", err=True)
+        sys.exit(1)
+    if path.exists():
+        click.echo(f"error: {path} already exists, and scan only appends a "
+                   f"[[devices]] table to it; leave out {join_names(options)} and "
+                   "edit the file, or choose a new file", err=True)
+        sys.exit(1)
 
 
 def _scan_progress(position: int, total: int, unit: int) -> None:
@@ -319,16 +357,21 @@ def _print_scan(label: str, results: list) -> None:
                f"at {label}")
 
 
-def _write_scan_config(path: Path, settings, results: list) -> None:
-    from edge_agent.scan import CONFIG_HEAD, config_section, describe_numbers
+def _write_scan_config(path: Path, head: ConfigHead, settings,
+                       results: list) -> None:
+    from edge_agent.scan import config_section, describe_numbers, join_names
 
     section = config_section(settings, results, name=settings.label)
     units = describe_numbers([result.unit for result in results if result.devices])
     if not path.exists():
-        path.write_text(CONFIG_HEAD + section)
-        click.echo(f"wrote {path} with units {units}; replace the gateway id, "
-                   f"collector URL and token, then run `solarfleet-agent check-config "
-                   f"{path}`", err=True)
+        path.write_text(head.to_toml() + section)
+        check = f"`solarfleet-agent check-config {path}`"
+        if head.unset:
+            click.echo(f"wrote {path} with units {units}; replace the "
+                       f"{join_names(head.unset)}, then run {check}", err=True)
+        else:
+            click.echo(f"wrote {path} with units {units}; check it with {check}",
+                       err=True)
         return
     _check_can_append(path, settings)
     with path.open("a") as file:

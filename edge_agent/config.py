@@ -29,6 +29,8 @@ from edge_agent.profiles import (
 SYNCHRONOUS_MODES = ("full", "normal")
 OVERFLOW_POLICIES = ("drop-oldest", "drop-newest")
 MIN_BUFFER_BYTES = 1_048_576  # below this, the empty schema fills most of the cap
+# Start of the values that `scan --write-config` writes where the user must fill one in.
+PLACEHOLDER_PREFIX = "replace-with-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +173,9 @@ class _Key:
     valid: Callable[[Any], bool]
     required: str = ""  # the fix shown when the key is missing; empty if optional
     number: bool = False  # stored as float, so that TOML `timeout = 3` is accepted
+    # The fix shown when the value still starts with PLACEHOLDER_PREFIX; empty if a
+    # placeholder is never written for the key.
+    placeholder: str = ""
 
 
 def _int_key(name: str, low: int, high: int | None = None, required: str = "") -> _Key:
@@ -195,8 +200,8 @@ def _choice_key(name: str, choices: tuple[Any, ...]) -> _Key:
                 lambda v: any(type(v) is type(c) and v == c for c in choices))
 
 
-def _text_key(name: str, required: str = "") -> _Key:
-    return _Key(name, "a non-empty string", _is_text, required)
+def _text_key(name: str, required: str = "", placeholder: str = "") -> _Key:
+    return _Key(name, "a non-empty string", _is_text, required, placeholder=placeholder)
 
 
 def _url_valid(value: Any) -> bool:
@@ -207,12 +212,16 @@ def _url_valid(value: Any) -> bool:
 
 
 _GATEWAY_KEYS = (
-    _text_key("id", required="set it to the id registered on the collector"),
+    _text_key("id", required="set it to the id registered on the collector",
+              placeholder="set it to the id registered with `solarfleet-collector "
+              "gateways add`"),
 )
 _COLLECTOR_KEYS = (
     _Key("url", 'an http:// or https:// URL, e.g. "https://collector.example.com"',
          _url_valid, required='set it to the collector\'s base URL, e.g. "https://host"'),
     _text_key("token", required="set it to the token from `solarfleet-collector "
+              "gateways add`",
+              placeholder="set it to the token printed by `solarfleet-collector "
               "gateways add`"),
     _int_key("batch_size", 1),
     _seconds_key("interval"),
@@ -360,6 +369,10 @@ def _read_keys(table: dict[str, Any], prefix: str, keys: tuple[_Key, ...],
         value = table[key.name]
         if not key.valid(value):
             problems.add(f"{prefix}{key.name} must be {key.expected}, got {_show(value)}")
+            continue
+        if key.placeholder and value.startswith(PLACEHOLDER_PREFIX):
+            problems.add(f"{prefix}{key.name} is still the placeholder {_show(value)}; "
+                         f"{key.placeholder}")
             continue
         values[key.name] = float(value) if key.number else value
     return values

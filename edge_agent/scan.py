@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from edge_agent.config import PLACEHOLDER_PREFIX
 from edge_agent.endpoint import EndpointSettings
 from edge_agent.errors import AgentError
 from edge_agent.poller import make_poller
@@ -343,22 +344,55 @@ def config_section(settings: EndpointSettings, results: Sequence[UnitResult],
     return "\n".join(lines) + "\n"
 
 
-CONFIG_HEAD = """\
-# solarfleet edge agent configuration, started by `solarfleet-agent scan`.
-# Replace the gateway id, collector URL and token with the ones registered on the
-# collector, then check the file with `solarfleet-agent check-config FILE`.
+@dataclass(frozen=True, slots=True)
+class ConfigHead:
+    """The [gateway], [collector] and [buffer] tables that start a config from a scan.
 
-[gateway]
-id = "replace-with-the-gateway-id"
+    A gateway id or token left None is written as a placeholder starting with
+    PLACEHOLDER_PREFIX, which `check-config` rejects. A collector URL left None is
+    written as http://127.0.0.1:8080.
+    """
 
-[collector]
-url = "http://127.0.0.1:8080"
-token = "replace-with-the-gateway-token"
+    gateway_id: str | None = None
+    collector_url: str | None = None
+    token: str | None = None
 
-[buffer]
-path = "/var/lib/solarfleet-agent/buffer.sqlite"
+    @property
+    def unset(self) -> list[str]:
+        """Names of the values that were not given, in the words of the CLI messages."""
+        values = {"gateway id": self.gateway_id, "collector URL": self.collector_url,
+                  "token": self.token}
+        return [name for name, value in values.items() if value is None]
 
-"""
+    def to_toml(self) -> str:
+        """Write the tables, with a comment on what is left to fill in."""
+        gateway_id = self.gateway_id
+        if gateway_id is None:
+            gateway_id = PLACEHOLDER_PREFIX + "the-gateway-id"
+        url = self.collector_url
+        if url is None:
+            url = "http://127.0.0.1:8080"
+        token = self.token
+        if token is None:
+            token = PLACEHOLDER_PREFIX + "the-gateway-token"
+
+        lines = ["# solarfleet edge agent configuration, started by "
+                 "`solarfleet-agent scan`."]
+        if self.unset:
+            lines.append(f"# Replace the {join_names(self.unset)} with the values "
+                         "from the collector.")
+        lines += ["# Check the file with `solarfleet-agent check-config FILE`.", "",
+                  "[gateway]", f"id = {_quote(gateway_id)}", "",
+                  "[collector]", f"url = {_quote(url)}", f"token = {_quote(token)}", "",
+                  "[buffer]", 'path = "/var/lib/solarfleet-agent/buffer.sqlite"', ""]
+        return "\n".join(lines) + "\n"
+
+
+def join_names(names: Sequence[str]) -> str:
+    """Join names as in a sentence: ["a", "b", "c"] -> "a, b and c"."""
+    if len(names) == 1:
+        return names[0]
+    return ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _quote(text: str) -> str:

@@ -36,6 +36,10 @@ def site_image() -> SiteImage:
                          load_case("C01a")])
 
 
+# Gateway id and token for a new config, so that load_config accepts it.
+HEAD_OPTIONS = ("--gateway-id", "gw-test", "--token", "t0k")
+
+
 def free_port() -> int:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -65,14 +69,16 @@ async def test_scan_site_writes_config(serve_image, tmp_path):  # noqa: F811
     config_path = tmp_path / "agent.toml"
 
     result = await invoke("scan", f"127.0.0.1:{simulator.port}", "--timeout", "0.5",
-                          "--write-config", str(config_path))
+                          "--write-config", str(config_path),
+                          "--gateway-id", "gw-site-a",
+                          "--collector-url", "https://collector.example.com",
+                          "--token", "t0k-site-a")
 
     assert result.exit_code == 0, result.output
     assert result.stdout == SITE_OUTPUT.format(port=simulator.port)
     assert result.stderr == (
-        f"wrote {config_path} with units 1, 126, 240; replace the gateway id, "
-        f"collector URL and token, then run `solarfleet-agent check-config "
-        f"{config_path}`\n")
+        f"wrote {config_path} with units 1, 126, 240; check it with "
+        f"`solarfleet-agent check-config {config_path}`\n")
     checked = await invoke("check-config", str(config_path))
     assert checked.exit_code == 0, checked.stderr
     assert checked.stdout == "ok: 1 device groups, 3 units\n"
@@ -82,8 +88,76 @@ async def test_scan_site_writes_config(serve_image, tmp_path):  # noqa: F811
     assert group.settings.host == "127.0.0.1"
     assert group.settings.port == simulator.port
     assert group.profiles == {}
-    assert config.gateway_id == "replace-with-the-gateway-id"
-    assert "# Unit 3 responds without SunSpec" in config_path.read_text()
+    assert config.gateway_id == "gw-site-a"
+    assert config.collector.url == "https://collector.example.com"
+    assert config.collector.token == "t0k-site-a"
+    text = config_path.read_text()
+    assert "# Unit 3 responds without SunSpec" in text
+    assert "replace-with-" not in text
+
+
+async def test_scan_placeholders_rejected(serve_image, tmp_path):  # noqa: F811
+    simulator = await serve_image("C03")
+    config_path = tmp_path / "agent.toml"
+
+    result = await invoke("scan", f"127.0.0.1:{simulator.port}", "--units", "1",
+                          "--write-config", str(config_path))
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (
+        f"wrote {config_path} with units 1; replace the gateway id, collector URL "
+        f"and token, then run `solarfleet-agent check-config {config_path}`\n")
+    checked = await invoke("check-config", str(config_path))
+    assert checked.exit_code == 1
+    assert checked.stdout == ""
+    assert checked.stderr.splitlines() == [
+        f'{config_path}: gateway.id is still the placeholder '
+        '"replace-with-the-gateway-id"; set it to the id registered with '
+        "`solarfleet-collector gateways add`",
+        f"{config_path}: collector.token is still the placeholder "
+        '"replace-with-the-gateway-token"; set it to the token printed by '
+        "`solarfleet-collector gateways add`",
+    ]
+
+
+async def test_scan_partial_head(serve_image, tmp_path):  # noqa: F811
+    simulator = await serve_image("C03")
+    config_path = tmp_path / "agent.toml"
+
+    result = await invoke("scan", f"127.0.0.1:{simulator.port}", "--units", "1",
+                          "--write-config", str(config_path), "--token", "t0k")
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (
+        f"wrote {config_path} with units 1; replace the gateway id and collector "
+        f"URL, then run `solarfleet-agent check-config {config_path}`\n")
+    text = config_path.read_text()
+    assert 'id = "replace-with-the-gateway-id"' in text
+    assert 'url = "http://127.0.0.1:8080"' in text
+    assert 'token = "t0k"' in text
+
+
+async def test_scan_head_options_need_new_file(tmp_path):
+    config_path = tmp_path / "agent.toml"
+    config_path.write_text("")
+
+    result = await invoke("scan", "127.0.0.1:1502", "--write-config",
+                          str(config_path), "--gateway-id", "gw", "--token", "t0k")
+
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"error: {config_path} already exists, and scan only appends a [[devices]] "
+        "table to it; leave out --gateway-id and --token and edit the file, or "
+        "choose a new file\n")
+    assert config_path.read_text() == ""
+
+
+async def test_scan_head_options_need_write_config():
+    result = await invoke("scan", "127.0.0.1:1502", "--collector-url", "http://h")
+
+    assert result.exit_code == 1
+    assert result.stderr == ("error: without --write-config there is no config file "
+                             "for --collector-url; add --write-config FILE\n")
 
 
 async def test_scan_appends_to_config(serve_image, tmp_path):  # noqa: F811
@@ -91,7 +165,7 @@ async def test_scan_appends_to_config(serve_image, tmp_path):  # noqa: F811
     second = await serve_image("C01b")
     config_path = tmp_path / "agent.toml"
     await invoke("scan", f"127.0.0.1:{first.port}", "--units", "1",
-                 "--write-config", str(config_path))
+                 "--write-config", str(config_path), *HEAD_OPTIONS)
 
     result = await invoke("scan", f"127.0.0.1:{second.port}", "--units", "247",
                           "--write-config", str(config_path))
@@ -243,7 +317,7 @@ async def test_scan_serial_line(serve_image, null_modem, tmp_path):  # noqa: F81
     config_path = tmp_path / "agent.toml"
 
     result = await invoke("scan", agent_end, "--baudrate", "19200", "--units",
-                          "1,240", "--write-config", str(config_path))
+                          "1,240", "--write-config", str(config_path), *HEAD_OPTIONS)
 
     assert result.exit_code == 0, result.output
     assert result.stdout.endswith(f"found 2 devices on 2 of 2 unit ids at "

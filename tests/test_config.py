@@ -28,17 +28,45 @@ unit_ids = [1, 2]
 """
 
 
+EXAMPLE = Path(__file__).parent.parent / "config/agent.example.toml"
+EXAMPLE_TOKEN = 'token = "replace-with-the-gateway-token"'
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "agent.toml"
     path.write_text(text)
     return path
 
 
-def test_example_config_loads():
-    config = load_config(Path(__file__).parent.parent / "config/agent.example.toml")
+def test_example_config_loads(tmp_path):
+    text = EXAMPLE.read_text()
+    assert EXAMPLE_TOKEN in text
+    config = load_config(write(tmp_path, text.replace(EXAMPLE_TOKEN, 'token = "t0k"')))
     assert config.gateway_id == "gw-site-a"
+    assert config.collector.token == "t0k"
     assert config.devices[0].settings.host == "192.168.1.20"
     assert config.unit_count == 1
+
+
+def test_example_config_placeholder_token():
+    assert check_config(EXAMPLE) == [
+        f'{EXAMPLE}: collector.token is still the placeholder '
+        '"replace-with-the-gateway-token"; set it to the token printed by '
+        "`solarfleet-collector gateways add`"
+    ]
+
+
+def test_placeholder_id_and_token(tmp_path):
+    text = HEAD.replace('"gw-test"', '"replace-with-the-gateway-id"').replace(
+        '"secret"', '"replace-with-the-gateway-token"')
+    path = write(tmp_path, text + TCP_DEVICE)
+    assert check_config(path) == [
+        f'{path}: gateway.id is still the placeholder "replace-with-the-gateway-id"; '
+        "set it to the id registered with `solarfleet-collector gateways add`",
+        f'{path}: collector.token is still the placeholder '
+        '"replace-with-the-gateway-token"; set it to the token printed by '
+        "`solarfleet-collector gateways add`",
+    ]
 
 
 def test_minimal_config_defaults(tmp_path):
@@ -205,6 +233,9 @@ TOP_CASES = [
      "collector.token_file is not a known key; did you mean token?"),
     ('path = "buffer.sqlite"', 'path = "buffer.sqlite"\nsynchronous = "off"',
      'buffer.synchronous must be one of "full", "normal", got "off"'),
+    ('id = "gw-test"', 'id = "replace-with-gw"',
+     'gateway.id is still the placeholder "replace-with-gw"; set it to the id '
+     "registered with `solarfleet-collector gateways add`"),
     ('[gateway]\nid = "gw-test"\n', "",
      "[gateway] is missing; add it with id"),
     ("[buffer]", "[bufer]", "bufer is not a known key; did you mean buffer?"),
