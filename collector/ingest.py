@@ -85,7 +85,8 @@ WHERE c.id = s.channel_id AND (c.last_time IS NULL OR c.last_time < s.time)
 """
 
 _COPY_READINGS = (
-    "COPY readings (installation_id, channel_id, time, value) FROM STDIN (FORMAT BINARY)"
+    "COPY readings (installation_id, channel_id, time, value) "
+    "FROM STDIN (FORMAT BINARY)"
 )
 _COPY_STAGING = (
     "COPY staging_readings (installation_id, channel_id, time, value) "

@@ -42,6 +42,11 @@ _NOT_IMPLEMENTED: dict[str, int] = {
     "eui48": 0xFFFF_FFFF_FFFF,
 }
 _SIGNED = {"int16", "sunssf", "int32", "int64"}
+# One-register integer types: (not-implemented value, signed).
+_ONE_WORD: dict[str, tuple[int, bool]] = {
+    name: (_NOT_IMPLEMENTED[name], name in _SIGNED)
+    for name in ("int16", "sunssf", "uint16", "count", "enum16", "bitfield16", "acc16")
+}
 _TEXT_TYPES = {"string", "ipaddr", "ipv6addr", "eui48"}
 
 # Types that carry no measurement: they never become channels.
@@ -102,7 +107,10 @@ def _decode_float(words: Sequence[int]) -> float | None:
 
 def scale(raw: int, exponent: int) -> float:
     """Return raw x 10^exponent, exact to the exponent's decimals (302, -1 -> 30.2)."""
-    return float(Decimal(raw).scaleb(exponent))
+    # Python rounds int / int correctly, so this is the double nearest to the decimal.
+    if exponent >= 0:
+        return float(raw * 10**exponent)
+    return raw / 10**-exponent
 
 
 def decode_model(layout: ModelLayout, words: Sequence[int | None]) -> dict[str, Value]:
@@ -112,14 +120,29 @@ def decode_model(layout: ModelLayout, words: Sequence[int | None]) -> dict[str, 
     decode to None. Returns point names (as in `PointLayout.name`) to scaled values.
     """
     raw: dict[str, Value] = {}
+    available = len(words)
     for point in layout.points:
+        one_word = _ONE_WORD.get(point.type) if point.size == 1 else None
+        if one_word is not None:
+            # The result of decode_raw, without its call, for most points.
+            word = words[point.offset] if point.offset < available else None
+            if word is None or word == one_word[0]:
+                raw[point.name] = None
+            elif one_word[1] and word >= 0x8000:
+                raw[point.name] = word - 0x10000
+            else:
+                raw[point.name] = word
+            continue
         point_words = words[point.offset : point.offset + point.size]
-        if len(point_words) < point.size or any(w is None for w in point_words):
+        if len(point_words) < point.size or None in point_words:
             raw[point.name] = None
         else:
             raw[point.name] = decode_raw(point.type, point_words)  # type: ignore[arg-type]
 
-    return {point.name: _apply_scale(point, raw) for point in layout.points}
+    return {
+        point.name: raw[point.name] if point.sf is None else _apply_scale(point, raw)
+        for point in layout.points
+    }
 
 
 def _apply_scale(point: PointLayout, raw: Mapping[str, Value]) -> Value:

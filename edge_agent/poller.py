@@ -39,6 +39,7 @@ from edge_agent.sunspec import (
     Endpoint,
     MalformedMap,
     MappedDevice,
+    ModelLayout,
     ModelRef,
     NoDevice,
     NotSunSpec,
@@ -506,6 +507,9 @@ def _model_words(model: ModelRef, registers: dict[int, int]) -> list[int | None]
     return [registers.get(a) for a in range(model.address, model.end)]
 
 
+_PlannedChannel = tuple[str, Channel, Channel | None]
+
+
 def _decode_channels(
     prefix: str,
     model: ModelRef,
@@ -518,17 +522,44 @@ def _decode_channels(
     if layout is None or model.model_id == COMMON_MODEL_ID:
         return None
     decoded = decode_model(layout, words)
+    for point_name, channel, normalised in _channel_plan(prefix, layout):
+        value = decoded[point_name]
+        value = value if isinstance(value, (int, float)) else None
+        values[channel.name] = value
+        channels.append(channel)
+        if normalised is not None:
+            values[normalised.name] = normalise_power_factor(value)
+            channels.append(normalised)
+    return decoded
+
+
+# Channel plans by (prefix, id of the layout); each entry keeps its layout, so that
+# the id is not reused while the entry exists.
+_CHANNEL_PLANS: dict[tuple[str, int], tuple[ModelLayout, list[_PlannedChannel]]] = {}
+_MAX_CHANNEL_PLANS = 1024
+
+
+def _channel_plan(prefix: str, layout: ModelLayout) -> list[_PlannedChannel]:
+    """Return the channels of a model's points: (point name, channel, normalised).
+
+    Layouts are cached, so the channels of a model are built once, not every poll.
+    """
+    entry = _CHANNEL_PLANS.get((prefix, id(layout)))
+    if entry is not None and entry[0] is layout:
+        return entry[1]
+    plan = []
     for point in layout.points:
         if point.type in NON_CHANNEL_TYPES or point.name in ("ID", "L"):
             continue
-        name = f"{prefix}.{point.name}"
-        value = decoded[point.name]
-        values[name] = value if isinstance(value, (int, float)) else None
-        channels.append(Channel(name, point.units))
+        channel = Channel(f"{prefix}.{point.name}", point.units)
+        normalised = None
         if point.units == "Pct" and point.name.split(".")[-1].startswith("PF"):
-            values[f"{name}.normalised"] = normalise_power_factor(values[name])
-            channels.append(Channel(f"{name}.normalised", None))
-    return decoded
+            normalised = Channel(f"{channel.name}.normalised", None)
+        plan.append((point.name, channel, normalised))
+    if len(_CHANNEL_PLANS) >= _MAX_CHANNEL_PLANS:
+        _CHANNEL_PLANS.clear()
+    _CHANNEL_PLANS[(prefix, id(layout))] = (layout, plan)
+    return plan
 
 
 def _implausible(model: ModelRef, words: list[int | None],

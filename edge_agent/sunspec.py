@@ -130,8 +130,13 @@ class _CountsNeeded(Exception):
 
 
 @functools.cache
+@functools.cache
 def model_definition(model_id: int) -> dict[str, Any] | None:
-    """Load pysunspec2's definition of a model, or None where it has none."""
+    """Load pysunspec2's definition of a model, or None where it has none.
+
+    Every poll lays out its models, so each definition is read once and kept. Callers
+    must not change the returned dict.
+    """
     path = resources.files("sunspec2") / "models" / "json" / f"model_{model_id}.json"
     try:
         return json.loads(path.read_text())
@@ -151,14 +156,12 @@ def layout_model(
     """
     if model_definition(model_id) is None:
         return None
-    try:
+    if not _needs_counts(model_id, length):
         return _cached_layout(model_id, length, ())
-    except _CountsNeeded:
-        pass
     if words is None:
         return _cached_layout(model_id, length, None)
     fixed = _cached_layout(model_id, length, None)
-    names = _count_names(model_definition(model_id)["group"])  # type: ignore[index]
+    names = _count_point_names(model_id)
     counts = []
     for point in fixed.points:
         point_words = words[point.offset : point.offset + point.size]
@@ -170,6 +173,16 @@ def layout_model(
         return _cached_layout(model_id, length, tuple(counts))
     except _CountsNeeded:
         return fixed
+
+
+@functools.lru_cache(maxsize=512)
+def _needs_counts(model_id: int, length: int) -> bool:
+    """Tell whether the model's layout depends on count points in its words."""
+    try:
+        _cached_layout(model_id, length, ())
+    except _CountsNeeded:
+        return True
+    return False
 
 
 @functools.lru_cache(maxsize=512)
@@ -251,6 +264,14 @@ def _point_size(point: dict) -> int:
     if point["type"] == "string":
         return int(point["size"])
     return _TYPE_SIZES[point["type"]]
+
+
+@functools.cache
+def _count_point_names(model_id: int) -> frozenset[str]:
+    """Return the names of the points that count a model's nested groups."""
+    definition = model_definition(model_id)
+    assert definition is not None
+    return frozenset(_count_names(definition["group"]))
 
 
 def _count_names(group: dict) -> set[str]:
