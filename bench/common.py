@@ -50,7 +50,7 @@ class Goal:
         """Return the goal's summary line, e.g. "ingest: 0.72 (goal >= 0.60) met"."""
         sign = ">=" if self.at_least else "<="
         if self.ratio is None:
-            return f"{self.name}: not measured (goal {sign} {self.target:g}) not met"
+            return f"{self.name}: not measured ({self.reason}) not met"
         verdict = "met" if self.met else "not met"
         return f"{self.name}: {self.ratio:.2f} (goal {sign} {self.target:g}) {verdict}"
 
