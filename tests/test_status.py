@@ -229,9 +229,12 @@ def run_status_command(config_path: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True, text=True, timeout=LIMIT)
 
 
-async def get_document(port: int) -> dict:
+async def get_document(port: int) -> dict | None:
+    """Fetch the served status; None while the agent has not built its first one."""
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{port}/status") as response:
+            if response.status == 503:
+                return None
             assert response.status == 200
             assert response.content_type == "application/json"
             return await response.json()
