@@ -2,9 +2,10 @@
 
 One shard transaction per batch: claim the batch id, register new devices and channels,
 COPY the readings into the readings table (through a staging table that skips those
-already stored, when there are any), move each channel's latest value, and record the
-devices' latest states. The caller replies 200 only after
-the commit, so a batch whose reply is lost is resent and then recognised by its id.
+already stored, when there are any), merge the inserted readings into the rollups,
+move each channel's latest value, and record the devices' latest states. The caller
+replies 200 only after the commit, so a batch whose reply is lost is resent and then
+recognised by its id.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection
 
-from collector import gaps
+from collector import gaps, rollups
 from collector.batch import Batch
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ INSERT INTO readings (installation_id, channel_id, time, value)
 SELECT DISTINCT ON (channel_id, time) installation_id, channel_id, time, value
 FROM staging_readings ORDER BY channel_id, time
 ON CONFLICT DO NOTHING
+RETURNING installation_id, channel_id, time, value
 """
 
 _UPDATE_LATEST = """
@@ -269,11 +271,12 @@ async def _insert_readings(
     try:
         async with conn.transaction():
             await _copy(conn, _COPY_READINGS, rows)
-        stored = len(rows)
+        inserted = rows
     except psycopg.errors.UniqueViolation:
-        stored = await _insert_new_readings(conn, params, rows)
+        inserted = await _insert_new_readings(conn, params, rows)
+    await rollups.add_readings(conn, params["installation_id"], inserted)
     await _update_latest(conn, rows)
-    return stored
+    return len(inserted)
 
 
 def _reading_rows(
@@ -309,7 +312,7 @@ async def _insert_new_readings(
     await conn.execute(_CREATE_STAGING)
     await _copy(conn, _COPY_STAGING, rows)
     cur = await conn.execute(_INSERT_READINGS, params)
-    return cur.rowcount
+    return await cur.fetchall()
 
 
 async def _update_latest(conn: AsyncConnection[Any], rows: list[ReadingRow]) -> None:
