@@ -35,6 +35,7 @@ MIN_TIME_MS = 946_684_800_000
 # How far ahead of the collector's clock a time may lie (`[server] future_tolerance`).
 DEFAULT_FUTURE_TOLERANCE_MS = 300_000
 _MAX_TIME_MS = 2**53  # the bound of `_time`
+_new_tuple = tuple.__new__  # builds a Reading from a checked row without a copy
 _DEVICE_TEXT = ("name", "manufacturer", "model", "serial", "version", "address")
 
 
@@ -159,9 +160,13 @@ def parse(
     kept_gaps = tuple(
         g for g in gaps if MIN_TIME_MS <= g.first_ms and g.last_ms <= latest_ms
     )
+    future = early = 0
+    if len(kept_readings) < len(readings):  # rare, so the count is not paid always
+        future = sum(r.time_ms > latest_ms for r in readings)
+        early = sum(r.time_ms < MIN_TIME_MS for r in readings)
     rejected = Rejections(
-        future=sum(r.time_ms > latest_ms for r in readings),
-        early=sum(r.time_ms < MIN_TIME_MS for r in readings),
+        future=future,
+        early=early,
         states=len(states) - len(kept_states),
         gaps=len(gaps) - len(kept_gaps),
     )
@@ -286,7 +291,7 @@ def _parse_readings(
                 and (value is None or (type(value) is float and math.isfinite(value)))
                 and (device_id, channel) in channels
             ):
-                readings.append(Reading(device_id, channel, time_ms, value))
+                readings.append(_new_tuple(Reading, item))
                 continue
         readings.append(_parse_reading(item, index, channels))
     return tuple(readings)
