@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime
-from pathlib import Path
 
 from bench.common import ROOT, Section, collector_databases, machine, postgres
 
@@ -34,7 +33,7 @@ def main() -> None:
                         format="%(relativeCreated)d ms %(name)s: %(message)s")
     started = time.monotonic()
     sections = run(args.names or list(NAMES), args.quick)
-    text = render(sections, time.monotonic() - started, args)
+    text = render(sections, time.monotonic() - started)
     print(text)
     if not args.no_write:
         write(text)
@@ -85,7 +84,8 @@ def run(names: list[str], quick: bool) -> list[Section]:
     return sections
 
 
-def render(sections: list[Section], seconds: float, args: argparse.Namespace) -> str:
+def render(sections: list[Section], seconds: float) -> str:
+    """Render the whole report: the header, each section and the goal lines."""
     command = "python -m bench" + "".join(
         f" {shlex.quote(a)}" for a in sys.argv[1:])
     goals = [goal for section in sections for goal in section.goals]

@@ -6,10 +6,11 @@ into the catalog and the two shards, every channel with a latest value. The endp
 JSON) is timed one request at a time for random installations, against the same two
 queries sent by psycopg on an open connection to the installation's shard.
 
-The status of one installation and a 24-hour power chart need rollups, which the
-collector does not keep yet, so they are listed as not measured. The latest values
-come from `channels.last_value`, so the 30 days of five-minute readings that the
-fleet would hold do not change this query's work, and they are not written.
+The status of one installation and a 24-hour power chart need routes that read the
+rollups, which the collector does not have yet, so they are listed as not measured.
+The latest values come from `channels.last_value`, so the 30 days of five-minute
+readings that the fleet would hold do not change this query's work, and they are
+not written.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ FROM devices d, generate_series(1, %s) AS c
 """
 
 
-def add_fleet(database: DatabaseConfig, installations: int) -> tuple[dict[int, str], str]:
-    """Add the installations with devices and channels; return their shards and a key."""
+def add_fleet(database: DatabaseConfig,
+              installations: int) -> tuple[dict[int, str], str]:
+    """Add installations with devices and channels; return their shards and a key."""
     owner = catalog.add_owner(database.catalog, "Fleet Owner")
     shard_of: dict[int, str] = {}
     with psycopg.connect(database.catalog) as conn:
@@ -165,16 +167,17 @@ def report(installations: int, requests: int, endpoint: list[float],
         f"endpoint {endpoint_ms:.2f} ms, its two queries alone {direct_ms:.2f} ms: "
         f"the queries take **{direct_ms / endpoint_ms:.2f}** of the endpoint's time.",
         "- Not measured: the status of one installation and a 24-hour power chart "
-        "over 1,000 installations x 10 devices x 30 days of five-minute data. Both "
-        "need rollups (per device and interval) that the collector does not keep "
-        "yet; without them a chart scans 288 readings per channel and day from the "
-        "raw readings table. Measuring them needs the rollup tables and the fleet "
-        "API routes that read them.",
+        "over 1,000 installations x 10 devices x 30 days of five-minute data. The "
+        "shards keep five-minute, hourly and daily rollups at ingest, but the "
+        "collector has no route that reads them yet, and without one there is "
+        "nothing of the product to time. Measuring them needs those routes and a "
+        "fleet written through the rollups: 30 days of five-minute rollups are "
+        "8,640 rows per channel.",
     ]
     section.goals += [
         Goal("fleet status of one installation", None, 0.0,
-             reason="needs rollups that do not exist yet"),
+             reason="no route reads the rollups yet"),
         Goal("fleet 24 h power chart", None, 0.0,
-             reason="needs rollups that do not exist yet"),
+             reason="no route reads the rollups yet"),
     ]
     return section

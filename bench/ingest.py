@@ -390,6 +390,28 @@ def report(whole: float, raw: float, executemany: float, whole_runs: list[float]
         f"on the whole path; the copying process {_median(cpu['raw'], 0):.1f} and "
         f"PostgreSQL {_median(cpu['raw'], 1):.1f} for raw COPY.",
         "",
+        "What limits the whole path on this machine:",
+        "",
+        "- The collector is one Python process, and it spends the CPU time above "
+        "on each reading: gzip and HTTP, JSON parsing (the standard library's "
+        "`json`), checking each row, building its COPY row, psycopg's `write_row`, "
+        "and the rollups kept at ingest. Raw COPY starts from rows that are ready "
+        "and spends only `write_row`. PostgreSQL also does more per reading: the "
+        "channels' latest values, the rollups and the batch record.",
+        "- Two cores carry the client, the collector and PostgreSQL, so the "
+        "collector's CPU and PostgreSQL's compete; raw COPY has one core for "
+        "itself and one for PostgreSQL.",
+        "- What would close the gap: several collector processes (aiohttp behind "
+        "one port with SO_REUSEPORT, one per core) on a machine with more cores; a "
+        "wire format with fewer Python objects per reading (values per channel "
+        "as arrays instead of one array per reading), which also cuts JSON "
+        "parsing; a faster JSON parser, which would be a new dependency.",
+        "- The goal against executemany cannot be met as measured: psycopg 3 "
+        "sends `executemany` in pipeline mode, which ran at "
+        f"{executemany / raw:.2f} x raw COPY in this run, so 5 x executemany is "
+        f"{5 * executemany / raw:.2f} x raw COPY. The goal assumed an INSERT with "
+        "a round trip per row.",
+        "",
         "Where the collector's own time goes, parsing and storing in one process "
         "(cProfile, share of the profiled time; waiting for PostgreSQL shows as "
         "`select` / `poll`):",
