@@ -50,7 +50,7 @@ def test_channel_parameter() -> None:
 
 
 REJECTED = [
-    (b"\xff", "body is not valid UTF-8"),
+    (b"\xff", "body is not valid UTF-8 (byte 0): send JSON encoded as UTF-8"),
     (body(format=True), "format True is not supported: send format 1"),
     (body(batch_id=""), "batch_id must be a string of 1-200 characters, got ''"),
     (body(gateway_id=7), "gateway_id must be a string of 1-200 characters, got 7"),
@@ -125,3 +125,99 @@ def test_infinite_float_rejected() -> None:
         r"send null instead$",
     ):
         batch.parse(text, now_ms=NOW)
+
+
+TEXT_REJECTED = [
+    (
+        body(batch_id="b\x00-1"),
+        "batch_id 'b\\x00-1' contains the control character or lone surrogate "
+        "U+0000 at index 1: send printable text",
+    ),
+    (
+        body(gateway_id="\ud800"),
+        "gateway_id '\\ud800' contains the control character or lone surrogate "
+        "U+D800 at index 0: send printable text",
+    ),
+    (
+        body(
+            devices=[{"device_id": "sn-1", "manufacturer": "Fronius\x00"}],
+            readings=[],
+            states=[],
+        ),
+        "devices[0].manufacturer 'Fronius\\x00' contains the control character or "
+        "lone surrogate U+0000 at index 7: send printable text",
+    ),
+    (
+        body(devices=[{"device_id": "sn-1", "name": "inv\x1b[2J"}]),
+        "devices[0].name 'inv\\x1b[2J' contains the control character or lone "
+        "surrogate U+001B at index 3: send printable text",
+    ),
+    (
+        body(devices=[{"device_id": "sn\x85"}]),
+        "devices[0].device_id 'sn\\x85' contains the control character or lone "
+        "surrogate U+0085 at index 2: send printable text",
+    ),
+    (
+        body(channels=[{"device_id": "sn-1", "name": "701.W", "unit": "\udfff"}]),
+        "channels[0].unit '\\udfff' contains the control character or lone "
+        "surrogate U+DFFF at index 0: send printable text",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), TEXT_REJECTED)
+def test_text_control_rejected(data: bytes, message: str) -> None:
+    with pytest.raises(BatchRejected) as caught:
+        batch.parse(data, now_ms=NOW)
+
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("state", [["online"], {"state": "online"}, 1, None])
+def test_state_type_rejected(state: Any) -> None:
+    with pytest.raises(BatchRejected) as caught:
+        batch.parse(body(states=[["sn-1", NOW, state]]), now_ms=NOW)
+
+    assert str(caught.value).startswith(f"states[0]: state {state!r} is unknown")
+
+
+@pytest.mark.parametrize("version", [1.0, "1", True])
+def test_format_not_integer_rejected(version: Any) -> None:
+    with pytest.raises(BatchRejected) as caught:
+        batch.parse(body(format=version), now_ms=NOW)
+
+    assert str(caught.value) == f"format {version!r} is not supported: send format 1"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-32-be"])
+def test_utf16_utf32_rejected(encoding: str) -> None:
+    data = body().decode().encode(encoding)
+
+    with pytest.raises(BatchRejected) as caught:
+        batch.parse(data, now_ms=NOW)
+
+    assert str(caught.value).startswith("body is not valid")
+    assert caught.value.status == 400
+
+
+def test_repeat_other_value_rejected() -> None:
+    readings = [["sn-1", "701.W", NOW, 1.0], ["sn-1", "701.W", NOW, 2.0]]
+
+    with pytest.raises(BatchRejected) as caught:
+        batch.parse(body(readings=readings), now_ms=NOW)
+
+    assert str(caught.value) == (
+        "readings[0] and readings[1]: channel '701.W' of 'sn-1' at "
+        f"{NOW} ms has two values, 1.0 and 2.0: send one value per channel and time"
+    )
+
+
+def test_repeat_same_value_kept() -> None:
+    readings = [["sn-1", "701.W", NOW, 1.0], ["sn-1", "701.W", NOW, 1]]
+
+    parsed = batch.parse(body(readings=readings), now_ms=NOW)
+
+    assert parsed.readings == (
+        Reading("sn-1", "701.W", NOW, 1.0),
+        Reading("sn-1", "701.W", NOW, 1.0),
+    )
