@@ -106,10 +106,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 60.0) -> None:
-    """Wait until something accepts connections on 127.0.0.1:`port`."""
+def wait_for_port(port: int, timeout: float = 60.0,
+                  alive: Callable[[], bool] = lambda: True) -> None:
+    """Wait until something accepts connections on 127.0.0.1:`port`.
+
+    :raises RuntimeError: nothing listens after `timeout` seconds, or `alive()`
+        returned False because the process that should listen has ended.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the process for 127.0.0.1:{port} ended; see its "
+                               "error above")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -185,7 +193,7 @@ def child_process(args: list[str], *, port: int | None = None) -> Iterator[
 
 def _wait_for_child(process: subprocess.Popen[bytes], port: int) -> None:
     try:
-        wait_for_port(port)
+        wait_for_port(port, alive=lambda: process.poll() is None)
     except RuntimeError:
         process.terminate()
         error = process.stderr.read().decode() if process.stderr else ""

@@ -137,7 +137,7 @@ def run(database: DatabaseConfig, quick: bool = False) -> Section:
         target=serve_collector, args=(config,), daemon=True)
     collector.start()
     try:
-        wait_for_port(port)
+        wait_for_port(port, alive=collector.is_alive)
         url = f"http://127.0.0.1:{port}"
         asyncio.run(endpoint_latencies(url, key, samples[0][:10]))  # warm caches
         endpoint, direct = alternate(

@@ -296,7 +296,7 @@ def run(database: DatabaseConfig, quick: bool = False) -> Section:
         target=serve_collector, args=(config,), daemon=True)
     collector.start()
     try:
-        wait_for_port(port)
+        wait_for_port(port, alive=collector.is_alive)
         url = f"http://127.0.0.1:{port}"
         # The first batches register the devices and channels; they are not timed.
         warm_up = _registering_workload(sites, first_ms)
