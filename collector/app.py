@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -132,6 +133,19 @@ async def _json_errors(
         if err.status < 400:
             raise
         return _error(err.status, err.reason)
+    except ConnectionResetError as err:  # aiohttp's ClientConnectionResetError too
+        logger.debug(
+            "%s %s: client disconnected: %s", request.method, request.path, err
+        )
+        raise
+    except Exception:
+        request_id = secrets.token_hex(6)
+        logger.exception(
+            "%s %s failed (request id %s)", request.method, request.path, request_id
+        )
+        return _error(
+            500, f"internal error; see the collector log (request id {request_id})"
+        )
 
 
 def _error(status: int, message: str) -> web.Response:
