@@ -31,6 +31,17 @@ _SERVER_KEYS = (
 )
 _DATABASE_KEYS = ("catalog", "embedded_dir")
 _SHARD_KEYS = ("name", "dsn")
+_ALERTS_KEYS = (
+    "interval",
+    "gateway_silent_after",
+    "missed_polls",
+    "night_power_w",
+    "max_sleep",
+    "peer_ratio",
+    "peer_min_power_w",
+    "power_window",
+    "counter_window",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +84,28 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    """The alert evaluator's schedule and thresholds; `collector.alert_rules` uses them."""
+
+    interval: float = 60.0  # seconds between two evaluations
+    gateway_silent_after: float = 900.0  # seconds without any reading or state
+    missed_polls: int = 5  # poll intervals a device may miss while others report
+    night_power_w: float = 10.0  # AC power at or below which an inverter is idle
+    # Seconds an inverter that went down asleep may stay down before it is alerted.
+    max_sleep: float = 57_600.0
+    peer_ratio: float = 0.5  # underperforming below this share of the peers' median
+    peer_min_power_w: float = 200.0  # peers' median power that shows daylight
+    power_window: float = 900.0  # seconds of mean AC power compared between peers
+    counter_window: float = 3600.0  # seconds a counter jump or reset stays alerted
+
+
+@dataclass(frozen=True, slots=True)
 class CollectorConfig:
     """The whole collector configuration."""
 
     server: ServerConfig = ServerConfig()
     database: DatabaseConfig = DatabaseConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
 
 def load(path: Path | str) -> CollectorConfig:
@@ -103,10 +131,11 @@ def parse(data: dict[str, Any]) -> CollectorConfig:
 
     :raises ConfigError: a key is unknown, missing or has an invalid value.
     """
-    _check_keys("", data, ("server", "database", "shards"))
+    _check_keys("", data, ("server", "database", "shards", "alerts"))
     server = _parse_server(_table(data, "server"))
     database = _parse_database(_table(data, "database"), data.get("shards"))
-    return CollectorConfig(server=server, database=database)
+    alerts = _parse_alerts(_table(data, "alerts"))
+    return CollectorConfig(server=server, database=database, alerts=alerts)
 
 
 def _parse_server(table: dict[str, Any]) -> ServerConfig:
@@ -126,6 +155,29 @@ def _parse_server(table: dict[str, Any]) -> ServerConfig:
     return ServerConfig(
         host, port, max_batch_bytes, shard_timeout, cache, future, offline
     )
+
+
+def _parse_alerts(table: dict[str, Any]) -> AlertsConfig:
+    _check_keys("alerts", table, _ALERTS_KEYS)
+    defaults = AlertsConfig()
+    values: dict[str, Any] = {}
+    for key in _ALERTS_KEYS:
+        default = getattr(defaults, key)
+        if key == "missed_polls":
+            values[key] = _integer(table, "alerts", key, default, 1, 1000)
+            continue
+        value = table.get(key, default)
+        valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not valid or not math.isfinite(value) or value <= 0:
+            raise ConfigError(
+                f"[alerts] {key} must be a positive number, got {value!r}"
+            )
+        values[key] = float(value)
+    if values["peer_ratio"] >= 1:
+        raise ConfigError(
+            f"[alerts] peer_ratio must be below 1, got {values['peer_ratio']!r}"
+        )
+    return AlertsConfig(**values)
 
 
 def _parse_database(table: dict[str, Any], shards: Any) -> DatabaseConfig:
