@@ -427,6 +427,7 @@ def read(target: str, unit: int, profile: str | None, profiles_dir: Path | None,
     Example: solarfleet-agent read 192.168.1.20 --unit 1
     """
     from edge_agent import scan as scanning
+    from edge_agent.decode import finite
     from edge_agent.profiles import load_profiles
 
     _quiet_unless_verbose()
@@ -445,10 +446,11 @@ def read(target: str, unit: int, profile: str | None, profiles_dir: Path | None,
         sys.exit(1)
 
     if as_json:
-        rows = [{"channel": channel.name, "value": poll.values.get(channel.name),
+        # Decoders return no NaN or infinity, and `finite` keeps it so: JSON has neither.
+        rows = [{"channel": channel.name, "value": finite(poll.values.get(channel.name)),
                  "unit": channel.unit, "device": poll.device.device_id}
                 for poll in reading.polls for channel in poll.channels]
-        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False, allow_nan=False))
         return
     for poll in reading.polls:
         _print_poll(poll)

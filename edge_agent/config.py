@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edge_agent.endpoint import EndpointSettings
+import yarl
+
+from edge_agent.endpoint import (
+    MAX_CONNECT_DELAY,
+    MAX_REQUEST_GAP,
+    MAX_TIMEOUT,
+    EndpointSettings,
+)
 from edge_agent.errors import ConfigError
 from edge_agent.profiles import (
     ProfileError,
@@ -25,10 +33,21 @@ from edge_agent.profiles import (
     builtin_profiles,
     load_profiles,
 )
+from edge_agent.wire import (
+    MAX_BATCH_READINGS,
+    MAX_ID_LENGTH,
+    MAX_TEXT_LENGTH,
+    control_character,
+    text_problem,
+)
 
 SYNCHRONOUS_MODES = ("full", "normal")
 OVERFLOW_POLICIES = ("drop-oldest", "drop-newest")
 MIN_BUFFER_BYTES = 1_048_576  # below this, the empty schema fills most of the cap
+MAX_BUFFER_BYTES = 2**50  # 1 PiB: a sane bound, far above any gateway's disk
+# Longest "host:port" or serial port path: a device id "<label>/<unit id>" must fit the
+# collector's id limit.
+MAX_LABEL_LENGTH = MAX_ID_LENGTH - len("/247")
 # Start of the values that `scan --write-config` writes where the user must fill one in.
 PLACEHOLDER_PREFIX = "replace-with-"
 
@@ -158,6 +177,8 @@ def _is_text(value: Any) -> bool:
 
 def _show(value: Any) -> str:
     """Show a value as it would be written in TOML."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf" or "nan", as TOML writes them
     try:
         return json.dumps(value)
     except TypeError:
@@ -173,6 +194,8 @@ class _Key:
     valid: Callable[[Any], bool]
     required: str = ""  # the fix shown when the key is missing; empty if optional
     number: bool = False  # stored as float, so that TOML `timeout = 3` is accepted
+    # Returns what else is wrong with a value of the right type, with the fix, or None.
+    problem: Callable[[Any], str | None] | None = None
     # The fix shown when the value still starts with PLACEHOLDER_PREFIX; empty if a
     # placeholder is never written for the key.
     placeholder: str = ""
@@ -186,12 +209,13 @@ def _int_key(name: str, low: int, high: int | None = None, required: str = "") -
     return _Key(name, expected, lambda v: _is_int(v) and low <= v <= high, required)
 
 
-def _seconds_key(name: str, zero_allowed: bool = False) -> _Key:
+def _seconds_key(name: str, maximum: float, zero_allowed: bool = False) -> _Key:
+    # The upper bound also rejects inf and nan, which TOML allows.
     if zero_allowed:
-        return _Key(name, "a number of seconds >= 0",
-                    lambda v: _is_number(v) and v >= 0, number=True)
-    return _Key(name, "a number of seconds > 0",
-                lambda v: _is_number(v) and v > 0, number=True)
+        return _Key(name, f"a number of seconds 0-{maximum:g}",
+                    lambda v: _is_number(v) and 0 <= v <= maximum, number=True)
+    return _Key(name, f"a number of seconds > 0 and at most {maximum:g}",
+                lambda v: _is_number(v) and 0 < v <= maximum, number=True)
 
 
 def _choice_key(name: str, choices: tuple[Any, ...]) -> _Key:
@@ -200,59 +224,78 @@ def _choice_key(name: str, choices: tuple[Any, ...]) -> _Key:
                 lambda v: any(type(v) is type(c) and v == c for c in choices))
 
 
-def _text_key(name: str, required: str = "", placeholder: str = "") -> _Key:
-    return _Key(name, "a non-empty string", _is_text, required, placeholder=placeholder)
+def _text_key(name: str, limit: int, required: str = "", placeholder: str = "") -> _Key:
+    return _Key(name, "a non-empty string", _is_text, required, placeholder=placeholder,
+                problem=lambda v: text_problem(v, limit))
 
 
 def _url_valid(value: Any) -> bool:
-    if not _is_text(value):
+    if not _is_text(value) or control_character(value) or " " in value:
         return False
-    scheme, _, rest = value.partition("://")
-    return scheme in ("http", "https") and rest.strip("/") != ""
+    try:
+        url = yarl.URL(value)
+        port = url.port  # yarl raises ValueError for a port outside 0-65535
+    except ValueError:
+        return False
+    return (url.scheme in ("http", "https") and bool(url.host)
+            and port is not None and 1 <= port <= 65535)
+
+
+def _token_valid(value: Any) -> bool:
+    # The token goes into an HTTP header, where only visible ASCII is safe.
+    return isinstance(value, str) and value != "" and all(
+        "!" <= character <= "~" for character in value)
 
 
 _GATEWAY_KEYS = (
-    _text_key("id", required="set it to the id registered on the collector",
+    _text_key("id", MAX_ID_LENGTH, required="set it to the id registered on the "
+              "collector",
               placeholder="set it to the id registered with `solarfleet-collector "
               "gateways add`"),
 )
 _COLLECTOR_KEYS = (
-    _Key("url", 'an http:// or https:// URL, e.g. "https://collector.example.com"',
+    _Key("url", 'an http:// or https:// URL with a host and a port 1-65535, e.g. '
+         '"https://collector.example.com"',
          _url_valid, required='set it to the collector\'s base URL, e.g. "https://host"'),
-    _text_key("token", required="set it to the token from `solarfleet-collector "
-              "gateways add`",
-              placeholder="set it to the token printed by `solarfleet-collector "
-              "gateways add`"),
-    _int_key("batch_size", 1),
-    _seconds_key("interval"),
-    _seconds_key("timeout"),
+    _Key("token", "the token of visible ASCII characters, without spaces or line "
+         "breaks", _token_valid,
+         required="set it to the token from `solarfleet-collector gateways add`",
+         placeholder="set it to the token printed by `solarfleet-collector "
+         "gateways add`"),
+    # The collector's per-batch limit on readings, states and channels.
+    _int_key("batch_size", 1, MAX_BATCH_READINGS),
+    _seconds_key("interval", 3600.0),
+    _seconds_key("timeout", 600.0),
 )
 _BUFFER_KEYS = (
-    _text_key("path", required='set it to a file path, e.g. '
+    _text_key("path", 4096, required='set it to a file path, e.g. '
               '"/var/lib/solarfleet-agent/buffer.sqlite"'),
     _choice_key("synchronous", SYNCHRONOUS_MODES),
-    _int_key("max_bytes", MIN_BUFFER_BYTES),
-    _int_key("min_free_bytes", 0),
+    _int_key("max_bytes", MIN_BUFFER_BYTES, MAX_BUFFER_BYTES),
+    _int_key("min_free_bytes", 0, MAX_BUFFER_BYTES),
     _choice_key("overflow", OVERFLOW_POLICIES),
 )
 _STATUS_KEYS = (
-    _seconds_key("interval"),
+    _seconds_key("interval", 3600.0),
     _int_key("port", 1, 65535),
-    _text_key("host"),
+    _text_key("host", 253),
 )
 _NETWORK_KEYS = (
-    _text_key("host", required="set it to the device's IP address or host name"),
+    _text_key("host", MAX_LABEL_LENGTH - len(":65535"),
+              required="set it to the device's IP address or host name"),
     _int_key("port", 1, 65535),
 )
 _SERIAL_KEYS = (
-    _text_key("serial_port", required='set it to the serial device, e.g. "/dev/ttyUSB0"'),
-    _int_key("baudrate", 1),
+    _text_key("serial_port", MAX_LABEL_LENGTH,
+              required='set it to the serial device, e.g. "/dev/ttyUSB0"'),
+    _int_key("baudrate", 1, 4_000_000),
     _choice_key("parity", ("N", "E", "O")),
     _choice_key("stopbits", (1, 2)),
     _int_key("bytesize", 5, 8),
 )
 _DEVICE_KEYS = (
-    _text_key("name", required="give each [[devices]] table a name"),
+    # The name is sent to the collector as each device's name.
+    _text_key("name", MAX_TEXT_LENGTH, required="give each [[devices]] table a name"),
     _choice_key("transport", ("tcp", "rtu", "rtu-over-tcp")),
     *_NETWORK_KEYS,
     *_SERIAL_KEYS,
@@ -260,15 +303,15 @@ _DEVICE_KEYS = (
     _Key("unit_ids", "a non-empty list of unit ids, e.g. [1, 2]",
          lambda v: isinstance(v, list) and v != [],
          required="list the Modbus unit ids behind this endpoint, e.g. [1]"),
-    _seconds_key("poll_interval"),
-    _seconds_key("timeout"),
-    _seconds_key("request_gap", zero_allowed=True),
-    _seconds_key("connect_delay", zero_allowed=True),
+    _seconds_key("poll_interval", 86400.0),
+    _seconds_key("timeout", MAX_TIMEOUT),
+    _seconds_key("request_gap", MAX_REQUEST_GAP, zero_allowed=True),
+    _seconds_key("connect_delay", MAX_CONNECT_DELAY, zero_allowed=True),
     _int_key("max_registers", 1, 125),
     _choice_key("function_code", (3, 4)),
     _Key("close_after_poll", "true or false", lambda v: isinstance(v, bool)),
     # Profile names are checked against the loaded profiles by _resolve_profiles.
-    _text_key("profile"),
+    _text_key("profile", MAX_TEXT_LENGTH),
     _Key("unit_profiles", 'a table of unit id = profile name, e.g. {240 = '
          '"eastron-sdm630"}', lambda v: isinstance(v, dict)),
 )
@@ -331,8 +374,12 @@ def _parse(path: Path, lines: list[str]) -> AgentConfig | None:
 
 def _read_toml(path: Path, problems: _Problems) -> dict[str, Any] | None:
     try:
-        with path.open("rb") as file:
-            return tomllib.load(file)
+        data = path.read_bytes()
+        if data.startswith(b"\xef\xbb\xbf"):
+            problems.add("the file starts with a UTF-8 byte order mark; remove it "
+                         "(save the file as UTF-8 without BOM)")
+            return None
+        return tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         problems.add("file not found; check the path")
     except OSError as err:
@@ -369,6 +416,10 @@ def _read_keys(table: dict[str, Any], prefix: str, keys: tuple[_Key, ...],
         value = table[key.name]
         if not key.valid(value):
             problems.add(f"{prefix}{key.name} must be {key.expected}, got {_show(value)}")
+            continue
+        problem = key.problem(value) if key.problem is not None else None
+        if problem is not None:
+            problems.add(f"{prefix}{key.name} {_show(value)} {problem}")
             continue
         if key.placeholder and value.startswith(PLACEHOLDER_PREFIX):
             problems.add(f"{prefix}{key.name} is still the placeholder {_show(value)}; "
@@ -421,6 +472,10 @@ def _read_devices(document: dict[str, Any], problems: _Problems,
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         problems.add("devices must be written as [[devices]] tables")
         return ()
+    if not tables:
+        problems.add("devices has no [[devices]] tables, so the agent has nothing to "
+                     "poll; add one per Modbus endpoint")
+        return ()
 
     groups = []
     for number, table in enumerate(tables, start=1):
@@ -436,7 +491,9 @@ def _read_device(table: dict[str, Any], prefix: str, problems: _Problems,
     before = len(problems)
     _check_unknown(table, f"{prefix}.", [key.name for key in _DEVICE_KEYS], problems)
     transport = table.get("transport", "tcp")
-    applicable = _TRANSPORT_KEYS.get(transport, frozenset())
+    # An invalid transport (a list, a table) is reported by _read_keys.
+    applicable = (_TRANSPORT_KEYS.get(transport, frozenset())
+                  if isinstance(transport, str) else frozenset())
     if applicable:
         _check_transport_keys(table, prefix, transport, problems)
     # Keys of another transport are reported above rather than as missing, and none is
@@ -463,13 +520,15 @@ def _read_device(table: dict[str, Any], prefix: str, problems: _Problems,
 def _resolve_profiles(values: dict[str, Any], prefix: str, profiles: Profiles | None,
                       problems: _Problems) -> dict[int, RegisterMap]:
     """Map unit ids to the register maps named by `profile` and `unit_profiles`."""
-    unit_ids = values.get("unit_ids") or []
+    # Bad unit ids are reported by _check_unit_ids; only integers are hashed here.
+    unit_ids = [unit for unit in values.get("unit_ids") or [] if _is_int(unit)]
     names: dict[int, tuple[str, str]] = {}  # unit id -> (key, profile name)
     if "profile" in values:
         names = {unit: ("profile", values["profile"]) for unit in unit_ids}
     for unit, name in values.get("unit_profiles", {}).items():
         key = f"unit_profiles.{unit}"
-        if not (unit.isdigit() and int(unit) in unit_ids):
+        # isdigit alone accepts "²", which int() rejects.
+        if not (unit.isascii() and unit.isdigit() and int(unit) in unit_ids):
             problems.add(f"{prefix}.{key} names a unit id that is not in unit_ids; "
                          "add it to unit_ids or remove it")
         elif not _is_text(name):

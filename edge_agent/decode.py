@@ -2,8 +2,8 @@
 
 SunSpec marks a point the device does not implement with a reserved encoding (0x8000 for
 int16, 0xFFFF for uint16, 0 for accumulators, NaN for floats, ...). Every such encoding
-decodes to None, and so does every value whose scale factor is missing or not implemented.
-Scale factors are taken from the same words as the values they scale, never from an
+decodes to None, and so does every value whose scale factor is missing, not implemented
+or outside SunSpec's range of -10 to 10. No decoder returns NaN or an infinity. Scale factors are taken from the same words as the values they scale, never from an
 earlier poll, because devices change them at run time.
 """
 
@@ -48,6 +48,10 @@ _ONE_WORD: dict[str, tuple[int, bool]] = {
     for name in ("int16", "sunssf", "uint16", "count", "enum16", "bitfield16", "acc16")
 }
 _TEXT_TYPES = {"string", "ipaddr", "ipv6addr", "eui48"}
+
+# The range SunSpec allows a sunssf point. A word outside it is a glitch or a device
+# fault, and scaling by it would publish 0.0 or 1e14 as a reading.
+SCALE_FACTOR_RANGE = range(-10, 11)
 
 # Types that carry no measurement: they never become channels.
 NON_CHANNEL_TYPES = {"pad", "sunssf", *_TEXT_TYPES}
@@ -105,6 +109,13 @@ def _decode_float(words: Sequence[int]) -> float | None:
     return value
 
 
+def finite(value: float | None) -> float | None:
+    """Return the value, or None when it is NaN or an infinity."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value
+
+
 def scale(raw: int, exponent: int) -> float:
     """Return raw x 10^exponent, exact to the exponent's decimals (302, -1 -> 30.2)."""
     # Python rounds int / int correctly, so this is the double nearest to the decimal.
@@ -150,11 +161,11 @@ def _apply_scale(point: PointLayout, raw: Mapping[str, Value]) -> Value:
     if point.sf is None or value is None or point.type in _TEXT_TYPES:
         return value
     exponent = point.sf if isinstance(point.sf, int) else raw.get(point.sf)
-    if not isinstance(exponent, int):
+    if not isinstance(exponent, int) or exponent not in SCALE_FACTOR_RANGE:
         return None
     if isinstance(value, float):
-        return float(Decimal(repr(value)).scaleb(exponent))
-    return scale(int(value), exponent)
+        return finite(float(Decimal(repr(value)).scaleb(exponent)))
+    return finite(scale(int(value), exponent))
 
 
 def normalise_power_factor(value: float | None) -> float | None:

@@ -7,6 +7,13 @@ from typing import Literal
 
 Transport = Literal["tcp", "rtu", "rtu-over-tcp"]
 
+# Upper bounds of the timing settings, in seconds, for config and profile checks. A
+# device that needs more is broken, and a larger value only hides that the endpoint
+# hangs: one request of a bus waits for the one before it.
+MAX_TIMEOUT = 60.0
+MAX_REQUEST_GAP = 10.0
+MAX_CONNECT_DELAY = 60.0
+
 
 @dataclass(frozen=True, slots=True)
 class EndpointSettings:

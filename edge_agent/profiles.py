@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import json
+import math
 import re
 import struct
 import tomllib
@@ -27,8 +28,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from edge_agent.decode import decode_profile_register
+from edge_agent.decode import SCALE_FACTOR_RANGE, decode_profile_register, finite
+from edge_agent.endpoint import MAX_CONNECT_DELAY, MAX_REQUEST_GAP
 from edge_agent.errors import ConfigError
+from edge_agent.wire import MAX_ID_LENGTH, MAX_TEXT_LENGTH, MAX_UNIT_LENGTH, text_problem
 
 
 
@@ -46,7 +49,8 @@ REGISTER_SIZES = {"uint16": 1, "int16": 1, "uint32": 2, "int32": 2, "uint64": 4,
                   "float32": 2}
 ORDERS = ("big", "little")
 MAX_READ = 125  # protocol limit of one FC3/FC4 read
-_NAME = re.compile(r"[A-Za-z0-9_]+")
+# A register's channel, "profile.<name>", must fit the collector's id limit.
+_NAME = re.compile(rf"[A-Za-z0-9_]{{1,{MAX_ID_LENGTH - len('profile.')}}}")
 
 
 class ProfileError(ConfigError):
@@ -112,7 +116,7 @@ class Register:
         value = _float32_decimal(raw) if isinstance(raw, float) else Decimal(raw)
         if self.multiplier is not None:
             value *= self.multiplier
-        return float(value.scaleb(self.exponent))
+        return finite(float(value.scaleb(self.exponent)))
 
 
 def _float32_decimal(value: float) -> Decimal:
@@ -309,6 +313,8 @@ def _is_number(value: Any) -> bool:
 
 def _show(value: Any) -> str:
     """Show a value as it is written in TOML."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf" or "nan", as TOML writes them
     try:
         return json.dumps(value)
     except TypeError:
@@ -353,13 +359,21 @@ class _Table:
             return default
         return value
 
-    def text(self, key: str, required: str = "") -> str | None:
-        return self.get(key, lambda v: isinstance(v, str) and v.strip() != "",
-                        "a non-empty string", required=required)
+    def text(self, key: str, required: str = "",
+             limit: int = MAX_TEXT_LENGTH) -> str | None:
+        value = self.get(key, lambda v: isinstance(v, str) and v.strip() != "",
+                         "a non-empty string", required=required)
+        problem = None if value is None else text_problem(value, limit)
+        if problem is not None:
+            self.problem(key, f"{self.name(key)} {_show(value)} {problem}")
+            return None
+        return value
 
     def choice(self, key: str, choices: Sequence[Any], default: Any) -> Any:
         expected = "one of " + ", ".join(_show(c) for c in choices)
-        return self.get(key, lambda v: v in choices and type(v) is type(choices[0]),
+        # The type is compared first, so that a list or table is never compared.
+        return self.get(key, lambda v: any(type(v) is type(c) and v == c
+                                           for c in choices),
                         expected, default)
 
     def limits(self) -> Limits:
@@ -367,17 +381,16 @@ class _Table:
             max_registers=self.get("max_registers",
                                    lambda v: _is_int(v) and 1 <= v <= MAX_READ,
                                    f"an integer 1-{MAX_READ}"),
-            request_gap=_seconds(self.get("request_gap", _non_negative,
-                                          "a number of seconds >= 0")),
-            connect_delay=_seconds(self.get("connect_delay", _non_negative,
-                                            "a number of seconds >= 0")),
+            request_gap=_seconds(self.get(
+                "request_gap", lambda v: _is_number(v) and 0 <= v <= MAX_REQUEST_GAP,
+                f"a number of seconds 0-{MAX_REQUEST_GAP:g}")),
+            connect_delay=_seconds(self.get(
+                "connect_delay",
+                lambda v: _is_number(v) and 0 <= v <= MAX_CONNECT_DELAY,
+                f"a number of seconds 0-{MAX_CONNECT_DELAY:g}")),
             close_after_poll=self.get("close_after_poll",
                                       lambda v: isinstance(v, bool), "true or false"),
         )
-
-
-def _non_negative(value: Any) -> bool:
-    return _is_number(value) and value >= 0
 
 
 def _seconds(value: Any) -> float | None:
@@ -485,6 +498,10 @@ class _ProfileFile:
         names: set[str] = set()
         for index, values in enumerate(tables):
             table = _Table(self, values, "registers", index, f"registers[{index + 1}]")
+            if not isinstance(values, dict):
+                table.problem(None, f"{table.where} must be a table; write it as "
+                              "[[registers]]")
+                continue
             register = self._register(table, defaults)
             if register is None:
                 continue
@@ -499,23 +516,27 @@ class _ProfileFile:
         before = len(self.problems)
         table.check_known(_REGISTER_KEYS)
         name = table.get("name", lambda v: isinstance(v, str) and _NAME.fullmatch(v),
-                         "letters, digits and _ only, e.g. \"V_L1\"",
+                         f"letters, digits and _ only, at most "
+                         f"{MAX_ID_LENGTH - len('profile.')}, e.g. \"V_L1\"",
                          required='add name = "..." (the channel becomes '
                          'profile.<name>)')
-        kind = table.get("type", lambda v: v in REGISTER_SIZES,
+        kind = table.get("type", lambda v: isinstance(v, str) and v in REGISTER_SIZES,
                          "one of " + ", ".join(REGISTER_SIZES),
                          required='add type = "uint16" (or another register type)')
         address = table.get("address", lambda v: _is_int(v) and 0 <= v <= 0xFFFF,
                             "an integer 0-65535 (0-based, as sent on the wire)",
                             required="add address = <0-based register address>")
-        multiplier = table.get("scale", lambda v: _is_number(v) and v != 0,
-                               "a non-zero number (the multiplier)")
-        exponent = table.get("scale_exponent", _is_int,
-                             "an integer (the power of ten)", 0)
+        multiplier = table.get("scale",
+                               lambda v: _is_number(v) and v != 0 and math.isfinite(v),
+                               "a finite non-zero number (the multiplier)")
+        low, high = SCALE_FACTOR_RANGE[0], SCALE_FACTOR_RANGE[-1]
+        exponent = table.get("scale_exponent",
+                             lambda v: _is_int(v) and v in SCALE_FACTOR_RANGE,
+                             f"an integer from {low} to {high} (the power of ten)", 0)
         if multiplier is not None and "scale_exponent" in table.values:
             table.problem("scale_exponent", f"{table.name('scale')} and "
                           f"{table.name('scale_exponent')} are both set; keep one")
-        unit = table.text("unit")
+        unit = table.text("unit", limit=MAX_UNIT_LENGTH)
         no_value = self._no_value(table, kind)
 
         register = None
@@ -559,6 +580,10 @@ class _ProfileFile:
         quirks = []
         for index, values in enumerate(tables):
             table = _Table(self, values, "quirks", index, f"quirks[{index + 1}]")
+            if not isinstance(values, dict):
+                table.problem(None, f"{table.where} must be a table; write it as "
+                              "[[quirks]]")
+                continue
             quirk = self._quirk(table)
             if quirk is not None:
                 quirks.append(quirk)

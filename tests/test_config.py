@@ -156,11 +156,11 @@ DEVICE_CASES = [
      "devices[1].unit_ids is missing; list the Modbus unit ids behind this endpoint, "
      "e.g. [1]"),
     ("unit_ids = [1, 2]", "unit_ids = [1]\npoll_interval = 0",
-     "devices[1].poll_interval must be a number of seconds > 0, got 0"),
+     "devices[1].poll_interval must be a number of seconds > 0 and at most 86400, got 0"),
     ("unit_ids = [1, 2]", "unit_ids = [1]\ntimeout = -1.5",
-     "devices[1].timeout must be a number of seconds > 0, got -1.5"),
+     "devices[1].timeout must be a number of seconds > 0 and at most 60, got -1.5"),
     ("unit_ids = [1, 2]", "unit_ids = [1]\nrequest_gap = -0.1",
-     "devices[1].request_gap must be a number of seconds >= 0, got -0.1"),
+     "devices[1].request_gap must be a number of seconds 0-10, got -0.1"),
     ("unit_ids = [1, 2]", "unit_ids = [1]\nmax_registers = 126",
      "devices[1].max_registers must be an integer 1-125, got 126"),
     ("unit_ids = [1, 2]", "unit_ids = [1]\nmax_registers = 0",
@@ -207,7 +207,10 @@ RTU_CASES = [
     ("unit_ids", "bytesize = 9\nunit_ids",
      "devices[1].bytesize must be an integer 5-8, got 9"),
     ("unit_ids", "baudrate = 0\nunit_ids",
-     "devices[1].baudrate must be an integer of at least 1, got 0"),
+     "devices[1].baudrate must be an integer 1-4000000, got 0"),
+    ('"/dev/ttyUSB0"', '"/dev/tty\\u0000"',
+     'devices[1].serial_port "/dev/tty\\u0000" contains the control character '
+     "U+0000; remove it"),
 ]
 
 
@@ -220,15 +223,15 @@ def test_rtu_problem(tmp_path, old, new, expected):
 TOP_CASES = [
     ('id = "gw-test"', 'id = ""', 'gateway.id must be a non-empty string, got ""'),
     ('url = "http://127.0.0.1:8080"', 'url = "127.0.0.1:8080"',
-     'collector.url must be an http:// or https:// URL, e.g. '
-     '"https://collector.example.com", got "127.0.0.1:8080"'),
+     'collector.url must be an http:// or https:// URL with a host and a port '
+     '1-65535, e.g. "https://collector.example.com", got "127.0.0.1:8080"'),
     ('token = "secret"\n', "",
      "collector.token is missing; set it to the token from `solarfleet-collector "
      "gateways add`"),
     ('token = "secret"', 'token = "secret"\nbatch_size = 0',
-     "collector.batch_size must be an integer of at least 1, got 0"),
+     "collector.batch_size must be an integer 1-50000, got 0"),
     ('token = "secret"', 'token = "secret"\ninterval = false',
-     "collector.interval must be a number of seconds > 0, got false"),
+     "collector.interval must be a number of seconds > 0 and at most 3600, got false"),
     ('token = "secret"', 'token = "secret"\ntoken_file = "x"',
      "collector.token_file is not a known key; did you mean token?"),
     ('path = "buffer.sqlite"', 'path = "buffer.sqlite"\nsynchronous = "off"',
@@ -240,6 +243,98 @@ TOP_CASES = [
      "[gateway] is missing; add it with id"),
     ("[buffer]", "[bufer]", "bufer is not a known key; did you mean buffer?"),
 ]
+
+
+# Values of the right type that `run` could not use: every number is bounded, every
+# string fits the collector's limits and none carries a control character.
+UNUSABLE_CASES = [
+    ('id = "gw-test"', f'id = "{"g" * 201}"',
+     f'gateway.id "{"g" * 201}" has 201 characters, more than the collector\'s '
+     "limit of 200; shorten it"),
+    ('id = "gw-test"', 'id = "gw\\u0000"',
+     'gateway.id "gw\\u0000" contains the control character U+0000; remove it'),
+    ('token = "secret"', 'token = "a\\r\\nX-Evil: 1"',
+     "collector.token must be the token of visible ASCII characters, without spaces "
+     'or line breaks, got "a\\r\\nX-Evil: 1"'),
+    ('token = "secret"', 'token = "secret"\ntimeout = inf',
+     "collector.timeout must be a number of seconds > 0 and at most 600, got inf"),
+    ('token = "secret"', 'token = "secret"\ninterval = 1e300',
+     "collector.interval must be a number of seconds > 0 and at most 3600, got 1e+300"),
+    ('token = "secret"', 'token = "secret"\ninterval = nan',
+     "collector.interval must be a number of seconds > 0 and at most 3600, got nan"),
+    ('token = "secret"', 'token = "secret"\nbatch_size = 100000000000000000000',
+     "collector.batch_size must be an integer 1-50000, got 100000000000000000000"),
+    ('token = "secret"', 'token = "secret"\nbatch_size = 50001',
+     "collector.batch_size must be an integer 1-50000, got 50001"),
+]
+URL_CASES = ["http://example.com:99999/x", "http://[::1", "http://exa mple.com/x",
+             "http://127.0.0.1:0", "ftp://127.0.0.1", "http://"]
+
+
+@pytest.mark.parametrize("old, new, expected", UNUSABLE_CASES)
+def test_unusable_value(tmp_path, old, new, expected):
+    path = write(tmp_path, HEAD.replace(old, new) + TCP_DEVICE)
+    assert check_config(path) == [f"{path}: {expected}"]
+
+
+@pytest.mark.parametrize("url", URL_CASES)
+def test_invalid_url(tmp_path, url):
+    path = write(tmp_path, HEAD.replace("http://127.0.0.1:8080", url) + TCP_DEVICE)
+    assert check_config(path) == [
+        f"{path}: collector.url must be an http:// or https:// URL with a host and a "
+        f'port 1-65535, e.g. "https://collector.example.com", got "{url}"'
+    ]
+
+
+def test_ipv6_url_valid(tmp_path):
+    path = write(tmp_path, HEAD.replace("127.0.0.1", "[::1]") + TCP_DEVICE)
+    assert check_config(path) == []
+
+
+# Values of the wrong type that once raised TypeError or ValueError while checked.
+WRONG_TYPE_CASES = [
+    ('name = "inverters"', 'name = "inverters"\ntransport = ["tcp"]',
+     'devices[1].transport must be one of "tcp", "rtu", "rtu-over-tcp", got ["tcp"]'),
+    ('name = "inverters"', 'name = "inverters"\ntransport = {a = 1}',
+     'devices[1].transport must be one of "tcp", "rtu", "rtu-over-tcp", '
+     'got {"a": 1}'),
+    ("unit_ids = [1, 2]", 'unit_ids = [[1]]\nprofile = "eastron-sdm630"',
+     "devices[1].unit_ids[1] must be an integer 1-247 (the Modbus range for one "
+     "device), got [1]"),
+    ("unit_ids = [1, 2]", 'unit_ids = [1]\nunit_profiles = {"\u00b2" = "x"}',
+     "devices[1].unit_profiles.\u00b2 names a unit id that is not in unit_ids; add "
+     "it to unit_ids or remove it"),
+    ("unit_ids = [1, 2]", "unit_ids = [1]\ntimeout = inf",
+     "devices[1].timeout must be a number of seconds > 0 and at most 60, got inf"),
+    ("unit_ids = [1, 2]", "unit_ids = [1]\nrequest_gap = 1e300",
+     "devices[1].request_gap must be a number of seconds 0-10, got 1e+300"),
+    ('name = "inverters"', f'name = "{"n" * 201}"',
+     f'devices[1].name "{"n" * 201}" has 201 characters, more than the collector\'s '
+     "limit of 200; shorten it"),
+]
+
+
+@pytest.mark.parametrize("old, new, expected", WRONG_TYPE_CASES)
+def test_device_value_checked(tmp_path, old, new, expected):
+    path = write(tmp_path, HEAD + TCP_DEVICE.replace(old, new))
+    assert check_config(path) == [f"{path}: {expected}"]
+
+
+def test_byte_order_mark(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + (HEAD + TCP_DEVICE).encode())
+    assert check_config(path) == [
+        f"{path}: the file starts with a UTF-8 byte order mark; remove it (save the "
+        "file as UTF-8 without BOM)"
+    ]
+
+
+def test_empty_devices_list(tmp_path):
+    path = write(tmp_path, "devices = []\n" + HEAD)
+    assert check_config(path) == [
+        f"{path}: devices has no [[devices]] tables, so the agent has nothing to "
+        "poll; add one per Modbus endpoint"
+    ]
 
 
 @pytest.mark.parametrize("old, new, expected", TOP_CASES)

@@ -181,3 +181,32 @@ def test_profile_values():
     assert decode_profile_register([0x7FC0, 0], "float32") is None
     nan = [0xFFFF_FFFF]
     assert decode_profile_register([0xFFFF, 0xFFFF], "uint32", no_value=nan) is None
+
+
+@pytest.mark.parametrize("word", [0x8001, 0x000B, 0x7FFF, 0xFFF5])
+def test_model_sf_out_of_range_is_none(word):
+    values = decode_model(small_layout(), [64999, 5, 302, word, 100, 0, 215])
+    assert values["A"] is None
+    assert values["W"] == 100.0
+
+
+@pytest.mark.parametrize("word, expected", [(0x000A, 3.02e12), (0xFFF6, 3.02e-08)])
+def test_model_sf_range_ends_scale(word, expected):
+    values = decode_model(small_layout(), [64999, 5, 302, word, 100, 0, 215])
+    assert values["A"] == expected
+
+
+def test_float64_scaled_past_range_is_none():
+    layout = ModelLayout(
+        model_id=64999,
+        length=5,
+        points=(
+            PointLayout("ID", 0, "uint16", 1),
+            PointLayout("L", 1, "uint16", 1),
+            PointLayout("W", 2, "float64", 4, "W", "W_SF"),
+            PointLayout("W_SF", 6, "sunssf", 1),
+        ),
+    )
+    big = struct.unpack(">4H", struct.pack(">d", 1.7e308))
+    values = decode_model(layout, [64999, 5, *big, 10])
+    assert values["W"] is None

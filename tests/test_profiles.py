@@ -183,6 +183,44 @@ class TestLoading:
             f'{path}:15: registers[2].type is "float"; it must be one of uint16, '
             "int16, uint32, int32, uint64, float32"]
 
+    # Values that passed check-config and then got every batch rejected, or raised.
+    @pytest.mark.parametrize("old, new, expected", [
+        ('unit = "kWh"', 'unit = "kilowatt-hours per square metre per day"',
+         '18: registers[2].unit "kilowatt-hours per square metre per day" has 39 '
+         "characters, more than the collector's limit of 32; shorten it"),
+        ('unit = "kWh"', 'unit = "k\\u0000Wh"',
+         '18: registers[2].unit "k\\u0000Wh" contains the control character '
+         "U+0000; remove it"),
+        ('model = "M3"', f'model = "{"M" * 201}"',
+         f'3: device.model "{"M" * 201}" has 201 characters, more than the '
+         "collector's limit of 200; shorten it"),
+        ('name = "E"', f'name = "{"E" * 193}"',
+         f'13: registers[2].name is "{"E" * 193}"; it must be letters, digits and _ '
+         'only, at most 192, e.g. "V_L1"'),
+        ('type = "uint32"', 'type = ["uint32"]',
+         '15: registers[2].type is ["uint32"]; it must be one of uint16, int16, '
+         "uint32, int32, uint64, float32"),
+        ('word_order = "little"', "word_order = {a = 1}",
+         '16: registers[2].word_order is {"a": 1}; it must be one of "big", '
+         '"little"'),
+        ("scale_exponent = -1", "scale_exponent = 400",
+         "17: registers[2].scale_exponent is 400; it must be an integer from -10 to "
+         "10 (the power of ten)"),
+        ("scale_exponent = -1", "scale = inf",
+         "17: registers[2].scale is inf; it must be a finite non-zero number (the "
+         "multiplier)"),
+        ("function_code = 4", "function_code = 4\nrequest_gap = inf",
+         "5: device.request_gap is inf; it must be a number of seconds 0-10"),
+    ])
+    def test_unusable_value(self, tmp_path, old, new, expected):
+        path = write(tmp_path, "acme", METER.replace(old, new))
+        assert problems(tmp_path) == [f"{path}:{expected}"]
+
+    def test_register_not_table(self, tmp_path):
+        path = write(tmp_path, "acme", "registers = [1]\n")
+        assert problems(tmp_path) == [
+            f"{path}:1: registers[1] must be a table; write it as [[registers]]"]
+
     def test_address_past_end(self, tmp_path):
         path = write(tmp_path, "acme", METER.replace("address = 10", "address = 65535"))
         assert problems(tmp_path) == [
