@@ -56,7 +56,7 @@ def test_check_config_problems(tmp_path):
     assert result.stdout == ""
     assert result.stderr == (
         f"{path}: devices[1].port must be an integer 1-65535, got 70000\n"
-        f"{path}: devices[2].baudrate must be an integer of at least 1, got 0\n"
+        f"{path}: devices[2].baudrate must be an integer 1-4000000, got 0\n"
     )
 
 
