@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from collector.errors import ConfigError
 
 DEFAULT_EMBEDDED_DIR = Path("~/.local/share/solarfleet/pg").expanduser()
@@ -123,6 +126,11 @@ def load(path: Path | str) -> CollectorConfig:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {path} is not valid UTF-8 (byte {err.start}): "
+            "save it as UTF-8"
+        ) from err
     return parse(data)
 
 
@@ -198,6 +206,7 @@ def _parse_database(table: dict[str, Any], shards: Any) -> DatabaseConfig:
         raise ConfigError(
             "[database] catalog is empty: set a PostgreSQL connection string"
         )
+    _check_dsn(catalog, "[database] catalog")
     return DatabaseConfig(catalog, embedded_dir, _parse_shards(shards))
 
 
@@ -228,8 +237,21 @@ def _parse_shards(shards: Any) -> tuple[ShardConfig, ...]:
             raise ConfigError(
                 f"[{where}] dsn is missing: set a PostgreSQL connection string"
             )
+        _check_dsn(dsn, f"[{where}] dsn")
         parsed.append(ShardConfig(name, dsn))
     return tuple(parsed)
+
+
+def _check_dsn(dsn: str, where: str) -> None:
+    # libpq's message quotes part of the string, which may be a password, so it is
+    # left out.
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as err:
+        raise ConfigError(
+            f"{where} is not a valid PostgreSQL connection string: write key=value "
+            "pairs (host=db1 dbname=solarfleet) or a postgresql:// URI"
+        ) from err
 
 
 def _table(data: dict[str, Any], key: str) -> dict[str, Any]:

@@ -49,7 +49,8 @@ def test_embedded_dir_expanded() -> None:
 BAD = [
     (
         {"serve": {}},
-        "unknown key serve: remove it or use one of server, database, shards",
+        "unknown key serve: remove it or use one of server, database, shards, "
+        "alerts",
     ),
     (
         {"server": {"prot": 1}},
@@ -75,41 +76,63 @@ BAD = [
     ),
     ({"server": []}, "server must be a table: write it as [server]"),
     (
-        {"shards": [{"name": "s", "dsn": "x"}]},
+        {"shards": [{"name": "s", "dsn": "dbname=x"}]},
         "[[shards]] needs a catalog: set [database] catalog, or remove every "
         "[[shards]] "
         "table to use the embedded PostgreSQL",
     ),
     (
-        {"database": {"catalog": "x"}},
+        {"database": {"catalog": "dbname=x"}},
         "no [[shards]] table: add one [[shards]] table with name and dsn per shard",
     ),
     (
-        {"database": {"catalog": ""}, "shards": [{"name": "s", "dsn": "x"}]},
+        {"database": {"catalog": ""}, "shards": [{"name": "s", "dsn": "dbname=x"}]},
         "[database] catalog is empty: set a PostgreSQL connection string",
     ),
     (
-        {"database": {"catalog": "x"}, "shards": [{"name": "S 1", "dsn": "x"}]},
+        {
+            "database": {"catalog": "dbname=x"},
+            "shards": [{"name": "S 1", "dsn": "dbname=x"}],
+        },
         "[shards[0]] name 'S 1' is invalid: use 1-63 lowercase letters, digits, '-' or "
         "'_', starting with a letter or digit",
     ),
     (
         {
-            "database": {"catalog": "x"},
-            "shards": [{"name": "a", "dsn": "x"}, {"name": "a", "dsn": "y"}],
+            "database": {"catalog": "dbname=x"},
+            "shards": [
+                {"name": "a", "dsn": "dbname=x"},
+                {"name": "a", "dsn": "dbname=y"},
+            ],
         },
         "[shards[1]] name 'a' is used twice: give each shard its own",
     ),
     (
-        {"database": {"catalog": "x"}, "shards": [{"name": "a"}]},
+        {"database": {"catalog": "dbname=x"}, "shards": [{"name": "a"}]},
         "[shards[0]] dsn is missing: set a PostgreSQL connection string",
     ),
     (
         {
-            "database": {"catalog": "x"},
-            "shards": [{"name": "a", "dsn": "x", "pool": 3}],
+            "database": {"catalog": "dbname=x"},
+            "shards": [{"name": "a", "dsn": "dbname=x", "pool": 3}],
         },
         "unknown key [shards[0]] pool: remove it or use one of name, dsn",
+    ),
+    (
+        {"database": {"catalog": "not a dsn ==="}, "shards": [{"name": "a"}]},
+        "[database] catalog is not a valid PostgreSQL connection string: write "
+        "key=value pairs (host=db1 dbname=solarfleet) or a postgresql:// URI",
+    ),
+    (
+        {
+            "database": {"catalog": "dbname=x"},
+            "shards": [
+                {"name": "a", "dsn": "dbname=a"},
+                {"name": "b", "dsn": "garbage ==="},
+            ],
+        },
+        "[shards[1]] dsn is not a valid PostgreSQL connection string: write "
+        "key=value pairs (host=db1 dbname=solarfleet) or a postgresql:// URI",
     ),
 ]
 
@@ -137,3 +160,15 @@ def test_invalid_toml(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"^config file .*c.toml is not valid TOML: "):
         config.load(path)
+
+
+def test_config_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes('[server]\nhost = "h\u00f6st"\n'.encode("latin-1"))
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+
+    assert str(caught.value) == (
+        f"config file {path} is not valid UTF-8 (byte 18): save it as UTF-8"
+    )
