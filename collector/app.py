@@ -14,12 +14,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from collector import batch as wire
-from collector import energy, fleet, gaps, ingest, migrate
+from collector import dashboard, energy, fleet, gaps, health, ingest, metrics
+from collector import migrate
 from collector.catalog import Authenticator
 from collector.config import CollectorConfig
 from collector.errors import BatchRejected, DatabaseError, NotFound, ShardUnavailable
@@ -79,7 +79,9 @@ def create_app(config: CollectorConfig) -> web.Application:
     app.router.add_get("/api/v1/installations/{installation_id}/latest", get_latest)
     app.router.add_get("/api/v1/installations/{installation_id}/energy", get_energy)
     app.router.add_get("/api/v1/installations/{installation_id}/gaps", get_gaps)
-    app.router.add_get("/healthz", get_health)
+    health.add_routes(app)
+    metrics.add_routes(app)
+    dashboard.add_routes(app)
     return app
 
 
@@ -175,8 +177,11 @@ async def post_batch(request: web.Request) -> web.Response:
             f"gateway_id {batch.gateway_id!r} does not match the token's gateway"
         )
     _log_rejections(batch, services.config.server.future_tolerance)
+    started = time.perf_counter()
     async with services.shards.connection(identity.shard) as conn:
         result = await ingest.store_batch(conn, identity.installation_id, batch)
+    seconds = time.perf_counter() - started
+    metrics.observe_batch(request.app, identity.shard, result, seconds)
     return web.json_response(
         {
             "batch_id": result.batch_id,
@@ -331,20 +336,3 @@ def _installation_id(request: web.Request) -> int:
         raise NotFound(f"installation {text!r} not found: ids are positive integers")
     return int(text)
 
-
-async def get_health(request: web.Request) -> web.Response:
-    """Report whether the catalog is reachable and which shards are failing."""
-    services = request.app[SERVICES]
-    shards = {
-        name: ("down" if services.shards.is_down(name) else "up")
-        for name in services.shards.names
-    }
-    try:
-        async with services.catalog.connection() as conn:
-            await conn.execute("SELECT 1")
-    except psycopg.Error as err:
-        logger.debug("health check of the catalog failed: %s", err)
-        return web.json_response(
-            {"status": "catalog down", "shards": shards}, status=503
-        )
-    return web.json_response({"status": "ok", "shards": shards})
