@@ -17,8 +17,9 @@ oldest polls, the live lane the polls written since its last batch. A poll belon
 most one batch, so no reading is sent under two batch ids. A batch keeps its id until
 the collector confirmed it, so a batch sent again after a timeout or a restart carries
 the same id and the collector stores it once. At most one batch per lane is open at a
-time. A batch the collector rejected moves to the quarantine table, keeps its readings
-and is not sent again.
+time, except while `split` has cut it in two: then the two halves are sent in turn,
+older polls first. A batch the collector rejected moves to the quarantine table, keeps
+its readings and is not sent again.
 
 The buffer is bounded by `BufferLimits`: a cap on the bytes its pages hold and a floor of
 free space on its file system. When a poll does not fit, the overflow policy drops the
@@ -623,6 +624,47 @@ class Buffer:
                 (KEPT_REPORTED_GAPS,),
             )
         return deleted
+
+    def split(self, batch_id: str) -> tuple[str, str] | None:
+        """Replace an open batch by two new batches of the older and newer half of its
+        polls; the first half also takes its gaps.
+
+        Only a batch that the collector rejected as a whole (HTTP 400 or 413) may be
+        split: it stored nothing of it, so no reading is stored under two batch ids.
+        Return the two new ids, older half first; None when the batch is not open or
+        has fewer than two polls.
+        """
+        with self._lock, self._transaction():
+            row = self._db.execute(
+                "SELECT created_ms, gateway_id, lane FROM batches WHERE batch_id = ? "
+                "AND batch_id NOT IN (SELECT batch_id FROM quarantine)",
+                (batch_id,),
+            ).fetchone()
+            poll_ids = [poll_id for (poll_id,) in self._db.execute(
+                "SELECT id FROM polls WHERE batch_id = ? ORDER BY id", (batch_id,))]
+            if row is None or len(poll_ids) < 2:
+                return None
+
+            halves = (str(uuid.uuid4()), str(uuid.uuid4()))
+            # Both keep the parent's creation time, and the older half gets the
+            # smaller rowid, so `_open_batch_id` hands it out first.
+            self._db.executemany(
+                "INSERT INTO batches (batch_id, created_ms, gateway_id, lane) "
+                "VALUES (?,?,?,?)",
+                [(half, *row) for half in halves],
+            )
+            middle = poll_ids[len(poll_ids) // 2]
+            self._db.execute(
+                "UPDATE polls SET batch_id = ? WHERE batch_id = ? AND id < ?",
+                (halves[0], batch_id, middle),
+            )
+            self._db.execute("UPDATE polls SET batch_id = ? WHERE batch_id = ?",
+                             (halves[1], batch_id))
+            self._db.execute("UPDATE gaps SET batch_id = ? WHERE batch_id = ?",
+                             (halves[0], batch_id))
+            self._db.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
+        logger.debug("split batch %s into %s and %s", batch_id, *halves)
+        return halves
 
     def quarantine(self, batch_id: str, reason: str) -> None:
         """Set the batch aside with a one-line reason; it is not handed out again."""

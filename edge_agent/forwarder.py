@@ -5,7 +5,10 @@ token. A 200 reply that names the batch id confirms the batch, and only then is 
 deleted from the buffer. No connection, a timeout, a 5xx reply, 408, 429, or a reply that
 points at the agent's own settings (401, 403, 404, 3xx) keeps the batch and retries it
 with backoff, without end. Any other 4xx reply means the collector rejected this batch's
-content, so the batch moves to the buffer's quarantine and the next one is sent.
+content and stored nothing of it. A batch of two or more polls is then split in two and
+the halves are sent in turn, so that one poll the collector rejects (400) or a batch
+too large (413) holds back no other reading. A single poll that is rejected moves to
+the buffer's quarantine, and the next batch is sent.
 
 Each send cycle sends a batch of the live lane (the polls written since the last cycle)
 and then one of the backlog lane (the oldest polls). So while a backlog drains, oldest
@@ -56,6 +59,7 @@ class Outcome(enum.Enum):
     SENT = "sent"  # the collector stored the batch; it is deleted from the buffer
     EMPTY = "empty"  # nothing to send
     QUARANTINED = "quarantined"  # the collector rejected the batch
+    SPLIT = "split"  # the collector rejected the batch; its halves are sent next
 
 
 class _Stopped(Exception):
@@ -163,6 +167,14 @@ class Forwarder:
             raise CollectorUnavailable(text)
 
         reason = f"HTTP {status}: {message}" if message else f"HTTP {status}"
+        halves = await asyncio.to_thread(self.buffer.split, batch.batch_id)
+        if halves is not None:
+            logger.warning("collector rejected batch %s (%d polls) with %s; split it "
+                           "into %s and %s to send the polls it accepts",
+                           batch.batch_id, len(batch.states), reason, *halves,
+                           extra={"batch": batch.batch_id})
+            return Outcome.SPLIT
+
         await asyncio.to_thread(self.buffer.quarantine, batch.batch_id, reason)
         logger.error("collector rejected batch %s (%d readings) with %s; moved it to "
                      "quarantine, see `solarfleet-agent buffer`",

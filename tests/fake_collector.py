@@ -12,6 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
+from collector.batch import parse
+from collector.errors import BatchRejected
+
 TOKEN = "secret-token"
 
 
@@ -36,6 +39,9 @@ class FakeCollector:
     replies: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
     on_request: Callable[[FakeCollector], None] | None = None
+    # Replies to a request's body in place of 200, or returns None to let it pass;
+    # `parse_with_collector` judges like the real collector.
+    judge: Callable[[bytes], tuple[int, dict[str, Any]] | None] | None = None
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -68,13 +74,25 @@ class FakeCollector:
         ))
         if self.on_request is not None:
             self.on_request(self)
+        verdict = self.judge(gzip.decompress(body)) if self.judge else None
         if self.replies:
             status, reply = self.replies.pop(0)
+        elif verdict is not None:
+            status, reply = verdict
         else:
             status = 200
             reply = {"batch_id": document["batch_id"],
                      "stored": len(document["readings"]), "duplicates": 0}
         return web.json_response(reply, status=status)
+
+
+def parse_with_collector(body: bytes) -> tuple[int, dict[str, Any]] | None:
+    """Reply 400 with the collector's own message where its parser rejects the body."""
+    try:
+        parse(body)
+    except BatchRejected as err:
+        return 400, {"error": str(err)}
+    return None
 
 
 def free_port() -> int:

@@ -191,6 +191,33 @@ def test_quarantine_sets_batch_aside(buffer):
     assert entry.reason == "HTTP 400: readings[0] has no time"
 
 
+def test_split_halves_open_batch(buffer):
+    for time_ms in (1000, 2000, 3000):
+        buffer.add_poll(inverter_poll(time_ms))
+    parent = buffer.next_batch(100).batch_id
+
+    older, newer = buffer.split(parent)
+
+    first = buffer.next_batch(100)
+    assert first.batch_id == older
+    assert first.states == (("sn-1", 1000, "online"),)
+    assert buffer.next_batch(100).batch_id == older
+    buffer.confirm(older)
+    second = buffer.next_batch(100)
+    assert second.batch_id == newer
+    assert second.states == (("sn-1", 2000, "online"), ("sn-1", 3000, "online"))
+    assert buffer.confirm(parent) == 0
+
+
+def test_split_single_poll_is_none(buffer):
+    buffer.add_poll(inverter_poll(1000))
+    batch_id = buffer.next_batch(100).batch_id
+
+    assert buffer.split(batch_id) is None
+    assert buffer.split("no-such-batch") is None
+    assert buffer.next_batch(100).batch_id == batch_id
+
+
 def test_stats_counts(buffer):
     buffer.add_poll(inverter_poll(1000))
     rejected = buffer.next_batch(100)

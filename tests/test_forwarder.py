@@ -1,6 +1,7 @@
 """Forwarder against a real aiohttp collector on 127.0.0.1."""
 
 import asyncio
+import json
 import logging
 
 import pytest
@@ -11,7 +12,13 @@ from edge_agent.errors import CollectorUnavailable
 from edge_agent.forwarder import Forwarder, Outcome
 from edge_agent.readings import Channel, DeviceInfo, DeviceState, Poll
 from edge_agent.retry import Backoff
-from fake_collector import TOKEN, FakeCollector, free_port, stop_after
+from fake_collector import (
+    TOKEN,
+    FakeCollector,
+    free_port,
+    parse_with_collector,
+    stop_after,
+)
 
 INVERTER = DeviceInfo(device_id="sn-1", address="127.0.0.1:5020/1", name="inverter",
                       manufacturer="SunSpecTest", model="Test-1547-1", serial="sn-1",
@@ -243,3 +250,68 @@ async def test_200_without_batch_id_kept(buffer, collector):
         "confirming it; check collector.url"
     )
     assert buffer.stats().readings == 2
+
+
+def odd_poll(time_ms: int) -> Poll:
+    device = DeviceInfo(device_id="sn-2", address="127.0.0.1:5020/2")
+    # A unit longer than the collector's 32 characters gets the batch rejected.
+    unit = "kilowatt-hours per square metre per day"
+    return Poll(device, time_ms, DeviceState.ONLINE, values={"profile.E": 1.0},
+                channels=(Channel("profile.E", unit),))
+
+
+async def test_400_splits_to_rejected_poll(buffer, collector):
+    for time_ms in range(1000, 9000, 1000):
+        buffer.add_poll(poll(time_ms))
+    buffer.add_poll(odd_poll(4500))
+    collector.judge = parse_with_collector
+
+    async with forwarder_for(buffer, collector.url, batch_size=100) as forwarder:
+        outcomes = [await forwarder.send_once() for _ in range(10)]
+
+    # Polls 1-4 and 5-9, then 5-6 and 7-9, 7 and 8-9, 8 and the bad poll 9.
+    assert outcomes == [Outcome.SPLIT, Outcome.SENT] * 4 + [Outcome.QUARANTINED,
+                                                            Outcome.EMPTY]
+    [entry] = buffer.quarantined()
+    assert entry.polls == 1
+    assert entry.reason == ("HTTP 400: channels[0].unit must be a string of at most "
+                            "32 characters or null, got 'kilowatt-hours per square "
+                            "metre per ...")
+    assert buffer.stats().readings == 0
+    stored = sorted(row[2] for request in collector.received
+                    if parse_with_collector(document_body(request)) is None
+                    for row in request.document["readings"])
+    assert stored == sorted(list(range(1000, 9000, 1000)) * 2)
+
+
+async def test_413_halves_until_single_poll(buffer, collector):
+    for time_ms in (1000, 2000, 3000):
+        buffer.add_poll(poll(time_ms))
+    collector.judge = lambda body: (
+        (413, {"error": "body too large: send smaller batches"})
+        if body.count(b'"online"') > 1 else None)
+
+    async with forwarder_for(buffer, collector.url, batch_size=100) as forwarder:
+        outcomes = [await forwarder.send_once() for _ in range(6)]
+
+    assert outcomes == [Outcome.SPLIT, Outcome.SENT, Outcome.SPLIT, Outcome.SENT,
+                        Outcome.SENT, Outcome.EMPTY]
+    assert buffer.quarantined() == []
+    assert buffer.stats().readings == 0
+    ids = [request.document["batch_id"] for request in collector.received]
+    assert len(set(ids)) == len(ids)
+
+
+async def test_413_single_poll_quarantined(buffer, collector):
+    buffer.add_poll(poll(1000))
+    collector.judge = lambda body: (413, {"error": "body too large"})
+
+    async with forwarder_for(buffer, collector.url) as forwarder:
+        assert await forwarder.send_once() is Outcome.QUARANTINED
+
+    [entry] = buffer.quarantined()
+    assert entry.reason == "HTTP 413: body too large"
+
+
+def document_body(request) -> bytes:
+    return json.dumps(request.document).encode()
