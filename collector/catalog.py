@@ -109,6 +109,23 @@ def _connect(dsn: str) -> Iterator[psycopg.Connection[Any]]:
         raise DatabaseError(
             f"cannot reach catalog database {label}: {first_line}"
         ) from err
+    except psycopg.errors.InsufficientPrivilege as err:
+        raise DatabaseError(
+            f"catalog database {label} denied access: {_first_line(err)}: grant the "
+            "role SELECT, INSERT and UPDATE on the catalog's tables and USAGE on "
+            "its sequences"
+        ) from err
+    except psycopg.IntegrityError:
+        raise  # the caller turns a unique violation into AlreadyExists
+    except psycopg.Error as err:
+        raise DatabaseError(
+            f"catalog database {label} failed: {_first_line(err)}"
+        ) from err
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _check_name(kind: str, name: str) -> str:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from click.testing import CliRunner
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from collector.cli import main
+from collector.databases import dsn_without_password
 from conftest import CollectorDatabases
 
 pytestmark = pytest.mark.postgres
@@ -260,3 +266,84 @@ def test_help_alias() -> None:
 
     assert code == 0
     assert out.startswith("Usage: main gateways add [OPTIONS] GATEWAY_ID")
+
+
+@pytest.mark.parametrize(
+    ("catalog", "shard", "key"),
+    [
+        ("not a dsn ===", "dbname=s", "[database] catalog"),
+        ("dbname=c", "garbage ===", "[shards[0]] dsn"),
+    ],
+)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("migrate",),
+        ("serve",),
+        ("owners", "add", "Alice"),
+        ("gateways", "add", "gw-a", "--installation", "1"),
+    ],
+)
+def test_unparsable_dsn_one_line(
+    tmp_path: Path, command: tuple[str, ...], catalog: str, shard: str, key: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[database]\ncatalog = "{catalog}"\n[[shards]]\nname = "s1"\ndsn = "{shard}"\n'
+    )
+
+    assert run(*command, "-c", str(path)) == (
+        2,
+        "",
+        f"error: {key} is not a valid PostgreSQL connection string: write key=value "
+        "pairs (host=db1 dbname=solarfleet) or a postgresql:// URI\n",
+    )
+
+
+def test_config_not_utf8_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(b'[server]\nhost = "\xff"\n')
+
+    assert run("serve", "-c", str(path)) == (
+        2,
+        "",
+        f"error: config file {path} is not valid UTF-8 (byte 17): save it as UTF-8\n",
+    )
+
+
+@pytest.fixture
+def catalog_role(collector_databases: CollectorDatabases) -> Iterator[str]:
+    """A login role without any right on the catalog's tables, dropped after."""
+    role = f"sf_test_role_{secrets.token_hex(3)}"
+    with psycopg.connect(collector_databases.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    yield role
+    with psycopg.connect(collector_databases.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize(
+    ("command", "table"),
+    [
+        (("owners", "add", "Alice"), "owners"),
+        (("gateways", "add", "gw-a", "--installation", "1"), "installations"),
+    ],
+)
+def test_catalog_no_rights_one_line(
+    tmp_path: Path,
+    collector_databases: CollectorDatabases,
+    catalog_role: str,
+    command: tuple[str, ...],
+    table: str,
+) -> None:
+    dsn = make_conninfo(collector_databases.catalog_dsn, user=catalog_role)
+    limited = dataclasses.replace(collector_databases, catalog_dsn=dsn)
+    config = str(write_config(tmp_path / "c.toml", limited))
+
+    assert run(*command, "-c", config) == (
+        2,
+        "",
+        f"error: catalog database {dsn_without_password(dsn)} denied access: "
+        f"permission denied for table {table}: grant the role SELECT, INSERT and "
+        "UPDATE on the catalog's tables and USAGE on its sequences\n",
+    )
