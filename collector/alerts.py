@@ -45,6 +45,10 @@ STATES = ("open", "resolved", "all")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('solarfleet.alerts'))"
 
+# Each device's newest reading or state, the time between its two newest states
+# (its poll interval), and its newest state that is not a down state.
+# NOTE: the last query walks back through every down state of a device, so a device
+# down for months costs a scan of those rows at every evaluation.
 _SELECT_DEVICES = """
 SELECT d.id, d.installation_id, d.device_id, d.name, d.state,
        (extract(epoch FROM greatest(d.state_time, c.last_time)) * 1000)::bigint,
