@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 import zoneinfo
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -158,11 +158,19 @@ def add_owner(
 
 
 def add_installation(
-    dsn: str, name: str, owner_id: int, shard: str | None = None, timezone: str = "UTC"
+    dsn: str,
+    name: str,
+    owner_id: int,
+    shard: str | None = None,
+    timezone: str = "UTC",
+    ready_shards: Collection[str] | None = None,
 ) -> Installation:
     """Add an installation on shard `shard`, or on the shard with fewest installations.
 
-    :raises NotFound: the owner or the named shard does not exist.
+    With `ready_shards`, only those registered shards may take the installation: the
+    caller passes the configured shards that are migrated.
+
+    :raises NotFound: the owner or the named shard does not exist or is not ready.
     """
     name = _check_name("installation", name)
     _check_timezone(timezone)
@@ -174,7 +182,7 @@ def add_installation(
             raise NotFound(
                 f"owner {owner_id} not found: use the id printed by `owners add`"
             )
-        shard_id, shard_name = _pick_shard(conn, shard)
+        shard_id, shard_name = _pick_shard(conn, shard, ready_shards)
         row = conn.execute(
             "INSERT INTO installations (owner_id, name, timezone, shard_id) "
             "VALUES (%s, %s, %s, %s) RETURNING id",
@@ -193,23 +201,32 @@ def _check_timezone(timezone: str) -> None:
         ) from err
 
 
-def _pick_shard(conn: psycopg.Connection[Any], name: str | None) -> tuple[int, str]:
+def _pick_shard(
+    conn: psycopg.Connection[Any], name: str | None, ready: Collection[str] | None
+) -> tuple[int, str]:
     rows = conn.execute(
         "SELECT s.id, s.name FROM shards s "
         "LEFT JOIN installations i ON i.shard_id = s.id "
         "GROUP BY s.id ORDER BY count(i.id), s.id"
     ).fetchall()
-    if not rows:
-        raise NotFound(
-            "no shard is registered: run `solarfleet-collector migrate` first"
-        )
-    if name is None:
+    usable = [row for row in rows if ready is None or row[1] in ready]
+    if name is not None and any(row[1] == name for row in rows):
+        rows = [row for row in usable if row[1] == name]
+        if not rows:
+            raise NotFound(
+                f"shard {name!r} is not in the config, not reachable or not "
+                "migrated: run `solarfleet-collector migrate` and check its dsn"
+            )
         return rows[0][0], rows[0][1]
-    for shard_id, shard_name in rows:
-        if shard_name == name:
-            return shard_id, shard_name
-    known = ", ".join(sorted(row[1] for row in rows))
-    raise NotFound(f"shard {name!r} not found: use one of {known}")
+    if name is not None:
+        known = ", ".join(sorted(row[1] for row in rows))
+        raise NotFound(f"shard {name!r} not found: use one of {known}")
+    if not usable:
+        raise NotFound(
+            "no migrated shard is reachable: run `solarfleet-collector migrate` "
+            "first and check the [[shards]] dsn values"
+        )
+    return usable[0][0], usable[0][1]
 
 
 def add_gateway(dsn: str, gateway_id: str, installation_id: int) -> tuple[Gateway, str]:

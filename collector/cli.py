@@ -169,7 +169,8 @@ def installations_add(
     """
     dsn, dbs = _catalog_dsn(config_path)
     try:
-        inst = catalog.add_installation(dsn, name, owner_id, shard, timezone)
+        ready = [s.name for s in dbs.shards if migrate.is_migrated(s.dsn, "shard")]
+        inst = catalog.add_installation(dsn, name, owner_id, shard, timezone, ready)
     finally:
         dbs.close()
     click.echo(

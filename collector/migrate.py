@@ -7,14 +7,16 @@ advisory lock serialises collectors migrating the same database at the same time
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 
-from collector import catalog, embedded
+from collector import catalog
 from collector.config import (
     EMBEDDED_CATALOG,
     EMBEDDED_SHARDS,
@@ -23,6 +25,9 @@ from collector.config import (
 )
 from collector.databases import dbname_of, dsn_without_password
 from collector.errors import DatabaseError
+
+if TYPE_CHECKING:
+    from collector import embedded
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +60,16 @@ class Migration:
 
 @dataclass(frozen=True, slots=True)
 class Databases:
-    """Connection strings of the catalog and shards, and the embedded server if any."""
+    """Connection strings of the catalog and shards, and the embedded server if any.
+
+    `pending_shards` names the shards that `prepare` skipped because they could not
+    be migrated; `migrate_shard` migrates each once it is reachable.
+    """
 
     catalog_dsn: str
     shards: tuple[ShardConfig, ...]
     server: embedded.EmbeddedPostgres | None = None
+    pending_shards: frozenset[str] = frozenset()
 
     def close(self) -> None:
         """Release the embedded server, if this process started or attached to one."""
@@ -132,6 +142,10 @@ def open_databases(config: DatabaseConfig) -> Databases:
     if not config.embedded:
         assert config.catalog is not None
         return Databases(config.catalog, config.shards)
+    # Imported only here because importing pgserver is slow and warns without
+    # XDG_RUNTIME_DIR.
+    from collector import embedded
+
     server = embedded.start(config.embedded_dir)
     catalog_dsn = server.create_database(EMBEDDED_CATALOG)
     shards = tuple(
@@ -147,18 +161,16 @@ def migrate_all(
     """Migrate the catalog and every shard, and register the shards in the catalog.
 
     Returns the migrations applied, by database ("catalog" or the shard's name). With
-    `skip_unreachable_shards`, a shard that fails is logged and left out, so one shard
-    that is down does not keep the collector from serving the others.
+    `skip_unreachable_shards`, a shard that fails is logged and left out of the
+    result, so one shard that is down does not keep the collector from serving the
+    others.
 
     :raises DatabaseError: the catalog, or a shard when not skipped, cannot be migrated.
     """
     applied = {"catalog": migrate(dbs.catalog_dsn, "catalog")}
     for shard in dbs.shards:
-        catalog.register_shard(
-            dbs.catalog_dsn, shard.name, dsn_without_password(shard.dsn)
-        )
         try:
-            applied[shard.name] = migrate(shard.dsn, "shard")
+            applied[shard.name] = migrate_shard(dbs.catalog_dsn, shard)
         except DatabaseError as err:
             if not skip_unreachable_shards:
                 raise
@@ -166,14 +178,43 @@ def migrate_all(
     return applied
 
 
+def migrate_shard(catalog_dsn: str, shard: ShardConfig) -> list[Migration]:
+    """Migrate one shard, then register it in the catalog's shard map.
+
+    A shard is registered only once migrated, because `installations add` places new
+    installations on registered shards.
+
+    :raises DatabaseError: the shard cannot be migrated or the catalog not updated.
+    """
+    applied = migrate(shard.dsn, "shard")
+    catalog.register_shard(catalog_dsn, shard.name, dsn_without_password(shard.dsn))
+    return applied
+
+
+def is_migrated(dsn: str, kind: str) -> bool:
+    """True if the database at `dsn` is reachable and has every migration of `kind`."""
+    latest = max(m.version for m in migrations(kind))
+    try:
+        with psycopg.connect(dsn, connect_timeout=5) as conn:
+            row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+    except psycopg.Error as err:
+        logger.debug("%s database %s not ready: %s", kind, dbname_of(dsn), err)
+        return False
+    return row is not None and row[0] == latest
+
+
 def prepare(
     config: DatabaseConfig, *, skip_unreachable_shards: bool = False
 ) -> Databases:
-    """Open (see `open_databases`) and migrate the catalog and the shards."""
+    """Open (see `open_databases`) and migrate the catalog and the shards.
+
+    The shards skipped with `skip_unreachable_shards` are named in `pending_shards`.
+    """
     dbs = open_databases(config)
     try:
-        migrate_all(dbs, skip_unreachable_shards=skip_unreachable_shards)
+        applied = migrate_all(dbs, skip_unreachable_shards=skip_unreachable_shards)
     except BaseException:
         dbs.close()
         raise
-    return dbs
+    pending = frozenset(s.name for s in dbs.shards if s.name not in applied)
+    return dataclasses.replace(dbs, pending_shards=pending)

@@ -14,8 +14,10 @@ from click.testing import CliRunner
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from collector import catalog
 from collector.cli import main
-from collector.databases import dsn_without_password
+from collector.config import ShardConfig
+from collector.databases import dsn_for, dsn_without_password
 from conftest import CollectorDatabases
 
 pytestmark = pytest.mark.postgres
@@ -346,4 +348,66 @@ def test_catalog_no_rights_one_line(
         f"error: catalog database {dsn_without_password(dsn)} denied access: "
         f"permission denied for table {table}: grant the role SELECT, INSERT and "
         "UPDATE on the catalog's tables and USAGE on its sequences\n",
+    )
+
+
+def shard_names(catalog_dsn: str) -> list[str]:
+    with psycopg.connect(catalog_dsn) as conn:
+        rows = conn.execute("SELECT name FROM shards ORDER BY id").fetchall()
+    return [row[0] for row in rows]
+
+
+def test_migrate_missing_shard_unregistered(
+    tmp_path: Path, empty_databases: CollectorDatabases
+) -> None:
+    missing = dsn_for(empty_databases.admin_dsn, "sf_test_no_such_database")
+    ghost = ShardConfig("ghost", missing)
+    dbs = dataclasses.replace(
+        empty_databases, shards=(empty_databases.shards[0], ghost)
+    )
+    config = str(write_config(tmp_path / "c.toml", dbs))
+
+    code, out, err = run("migrate", "-c", config)
+
+    assert (code, out) == (2, "")
+    assert err.startswith("error: cannot migrate shard database ")
+    assert err.count("\n") == 1
+    assert shard_names(dbs.catalog_dsn) == ["shard-1"]
+
+
+@pytest.fixture
+def ghost_shard(collector_databases: CollectorDatabases) -> Iterator[str]:
+    """A shard registered in the catalog whose database does not exist."""
+    dsn = collector_databases.catalog_dsn
+    missing = dsn_for(collector_databases.admin_dsn, "sf_test_no_such_database")
+    catalog.register_shard(dsn, "ghost", missing)
+    yield "ghost"
+    with psycopg.connect(dsn) as conn:
+        conn.execute("DELETE FROM shards WHERE name = 'ghost'")
+
+
+def test_installation_skips_unready_shard(
+    tmp_path: Path, collector_databases: CollectorDatabases, ghost_shard: str
+) -> None:
+    config = str(write_config(tmp_path / "c.toml", collector_databases))
+    run("owners", "add", "Alice", "-c", config)
+    run("installations", "add", "Roof A", "--owner", "1", "-c", config)
+    run("installations", "add", "Roof B", "--owner", "1", "-c", config)
+
+    third = run("installations", "add", "Roof C", "--owner", "1", "-c", config)
+    named = run(
+        "installations", "add", "Roof D", "--owner", "1", "--shard", "ghost",
+        "-c", config,
+    )
+
+    assert third == (
+        0,
+        "added installation 3: Roof C (owner 1, shard shard-1, timezone UTC)\n",
+        "",
+    )
+    assert named == (
+        2,
+        "",
+        "error: shard 'ghost' is not in the config, not reachable or not migrated: "
+        "run `solarfleet-collector migrate` and check its dsn\n",
     )
