@@ -1,4 +1,4 @@
-"""The catalog: owners, installations, gateways, operator keys and the shard map.
+"""The catalog: owners, installations, gateways, read API keys and the shard map.
 
 Administrative functions are synchronous and take the catalog's connection string. The
 collector's request path uses `Authenticator`, which looks tokens up asynchronously and
@@ -61,9 +61,25 @@ class Gateway:
 
 @dataclass(frozen=True, slots=True)
 class Key:
+    """A read API key: an owner key with `owner_id`, an operator key without."""
+
     id: int
     name: str
     created_at: datetime
+    owner_id: int | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyIdentity:
+    """Identity of a valid read API key; `owner_id` is None for an operator key."""
+
+    name: str
+    owner_id: int | None
+
+    def may_read(self, installation: Installation) -> bool:
+        """True if this key may read `installation`."""
+        return self.owner_id is None or self.owner_id == installation.owner_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,19 +299,28 @@ def revoke_gateway(dsn: str, gateway_id: str) -> Gateway:
     return gateway
 
 
-def add_key(dsn: str, name: str) -> tuple[Key, str]:
-    """Add an operator API key for the read API and return it with its secret.
+_KEY_COLUMNS = "id, name, created_at, owner_id, revoked_at"
 
-    :raises AlreadyExists: a key with this name exists.
+
+def add_key(dsn: str, name: str, owner_id: int | None = None) -> tuple[Key, str]:
+    """Add a read API key and return it with its secret, shown only here.
+
+    With `owner_id` the key reads only that owner's installations; without, it is an
+    operator key that reads the whole fleet.
+
+    :raises NotFound: the owner does not exist.
+    :raises AlreadyExists: a key with this name exists, also a revoked one.
     """
     name = _check_name("key", name)
     secret = new_secret()
     try:
         with _connect(dsn) as conn, conn.cursor(row_factory=class_row(Key)) as cur:
+            if owner_id is not None:
+                _check_owner(conn, owner_id)
             cur.execute(
-                "INSERT INTO keys (name, key_hash) VALUES (%s, %s) "
-                "RETURNING id, name, created_at",
-                (name, hash_secret(secret)),
+                "INSERT INTO keys (name, key_hash, owner_id) VALUES (%s, %s, %s) "
+                f"RETURNING {_KEY_COLUMNS}",
+                (name, hash_secret(secret), owner_id),
             )
             key = cur.fetchone()
     except psycopg.errors.UniqueViolation as err:
@@ -304,6 +329,36 @@ def add_key(dsn: str, name: str) -> tuple[Key, str]:
         ) from err
     assert key is not None
     return key, secret
+
+
+def _check_owner(conn: psycopg.Connection[Any], owner_id: int) -> None:
+    if conn.execute("SELECT 1 FROM owners WHERE id = %s", (owner_id,)).fetchone():
+        return
+    raise NotFound(f"owner {owner_id} not found: use the id printed by `owners add`")
+
+
+def revoke_key(dsn: str, name: str) -> Key:
+    """Revoke a read API key; the collector rejects it within its auth cache time.
+
+    :raises NotFound: no key has this name.
+    """
+    with _connect(dsn) as conn, conn.cursor(row_factory=class_row(Key)) as cur:
+        cur.execute(
+            "UPDATE keys SET revoked_at = coalesce(revoked_at, now()) "
+            f"WHERE name = %s RETURNING {_KEY_COLUMNS}",
+            (name,),
+        )
+        key = cur.fetchone()
+    if key is None:
+        raise NotFound(f"key {name!r} not found: see `keys list` for the names")
+    return key
+
+
+def list_keys(dsn: str) -> list[Key]:
+    """Return every read API key, revoked ones included, ordered by name."""
+    with _connect(dsn) as conn, conn.cursor(row_factory=class_row(Key)) as cur:
+        cur.execute(f"SELECT {_KEY_COLUMNS} FROM keys ORDER BY name")
+        return cur.fetchall()
 
 
 def register_shard(dsn: str, name: str, shard_dsn: str) -> Shard:
@@ -343,9 +398,22 @@ class Authenticator:
         """Return who the gateway token belongs to, or None if unknown or revoked."""
         return await self._cached(("gateway", hash_secret(token)), self._fetch_gateway)
 
-    async def key(self, secret: str) -> str | None:
-        """Return the name of the operator key, or None if unknown or revoked."""
+    async def key(self, secret: str) -> KeyIdentity | None:
+        """Return who the read API key belongs to, or None if unknown or revoked."""
         return await self._cached(("key", hash_secret(secret)), self._fetch_key)
+
+    async def installation(self, installation_id: int) -> Installation | None:
+        """Return the installation with its shard name, or None if unknown."""
+        return await self._cached(
+            ("installation-record", installation_id), self._fetch_installation
+        )
+
+    async def installations(self, owner_id: int | None) -> list[Installation]:
+        """Return the installations of `owner_id`, or of every owner if None.
+
+        Not cached, so a new installation is listed at once.
+        """
+        return await self._query(self._fetch_installations, owner_id)
 
     async def installation_shard(self, installation_id: int) -> str | None:
         """Return the name of the shard holding the installation, or None if unknown."""
@@ -383,14 +451,34 @@ class Authenticator:
             row = await cur.fetchone()
         return GatewayIdentity(*row) if row else None
 
-    async def _fetch_key(self, key_hash: bytes) -> str | None:
+    async def _fetch_key(self, key_hash: bytes) -> KeyIdentity | None:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT name FROM keys WHERE key_hash = %s AND revoked_at IS NULL",
+                "SELECT name, owner_id FROM keys "
+                "WHERE key_hash = %s AND revoked_at IS NULL",
                 (key_hash,),
             )
             row = await cur.fetchone()
-        return row[0] if row else None
+        return KeyIdentity(*row) if row else None
+
+    async def _fetch_installation(self, installation_id: int) -> Installation | None:
+        found = await self._fetch_installations(None, installation_id)
+        return found[0] if found else None
+
+    async def _fetch_installations(
+        self, owner_id: int | None, installation_id: int | None = None
+    ) -> list[Installation]:
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(Installation))
+            await cur.execute(
+                "SELECT i.id, i.owner_id, i.name, i.timezone, i.shard_id, "
+                "s.name AS shard FROM installations i "
+                "JOIN shards s ON s.id = i.shard_id "
+                "WHERE (%(owner)s::bigint IS NULL OR i.owner_id = %(owner)s) "
+                "AND (%(id)s::bigint IS NULL OR i.id = %(id)s) ORDER BY i.id",
+                {"owner": owner_id, "id": installation_id},
+            )
+            return await cur.fetchall()
 
     async def _fetch_shard(self, installation_id: int) -> str | None:
         async with self._pool.connection() as conn:

@@ -231,22 +231,65 @@ def gateways_revoke(gateway_id: str, config_path: Path | None) -> None:
 
 @main.group()
 def keys() -> None:
-    """Manage operator API keys for the read API."""
+    """Manage API keys for the read API: operator keys and owner keys."""
 
 
 @keys.command("add")
 @click.argument("name")
+@click.option(
+    "--owner",
+    "owner_id",
+    type=int,
+    help="Id of the owner whose installations the key may read. "
+    "Default: an operator key that reads the whole fleet.",
+)
 @config_option
-def keys_add(name: str, config_path: Path | None) -> None:
-    """Add an operator key and print it, which is shown only this once.
+def keys_add(name: str, owner_id: int | None, config_path: Path | None) -> None:
+    """Add a read API key and print it, which is shown only this once.
 
     Example: solarfleet-collector keys add ops-dashboard
     """
     dsn, dbs = _catalog_dsn(config_path)
     try:
-        key, secret = catalog.add_key(dsn, name)
+        key, secret = catalog.add_key(dsn, name, owner_id)
     finally:
         dbs.close()
-    click.echo(f"added key {key.name}")
+    scope = "operator key" if owner_id is None else f"owner key of owner {owner_id}"
+    click.echo(f"added key {key.name} ({scope})")
     click.echo(f"key: {secret}")
     click.echo("The key is shown only once: send it as Authorization: Bearer <key>.")
+
+
+@keys.command("revoke")
+@click.argument("name")
+@config_option
+def keys_revoke(name: str, config_path: Path | None) -> None:
+    """Revoke a read API key.
+
+    Example: solarfleet-collector keys revoke ops-dashboard
+    """
+    dsn, dbs = _catalog_dsn(config_path)
+    try:
+        key = catalog.revoke_key(dsn, name)
+    finally:
+        dbs.close()
+    click.echo(f"revoked key {key.name}")
+
+
+@keys.command("list")
+@config_option
+def keys_list(config_path: Path | None) -> None:
+    """List the read API keys: name, scope, creation and revocation time.
+
+    Example: solarfleet-collector keys list
+    """
+    dsn, dbs = _catalog_dsn(config_path)
+    try:
+        found = catalog.list_keys(dsn)
+    finally:
+        dbs.close()
+    for key in found:
+        scope = "operator" if key.owner_id is None else f"owner {key.owner_id}"
+        revoked = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else ""
+        created = f"created {key.created_at:%Y-%m-%d %H:%M}"
+        click.echo(f"{key.name}\t{scope}\t{created}\t{revoked}".rstrip())

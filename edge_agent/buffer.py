@@ -143,6 +143,9 @@ _MIGRATIONS = (
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+# SQLite errors that come from the agent's own statements or values, not from the file.
+_CODE_ERRORS = (sqlite3.ProgrammingError, sqlite3.IntegrityError, sqlite3.DataError,
+                sqlite3.NotSupportedError)
 
 
 class Lane(enum.StrEnum):
@@ -259,6 +262,11 @@ class Buffer:
         self._foreign_checked = False
         self._live_after_id = 0  # the live lane cuts polls with a larger row id
         self._overflow: str | None = None  # reason of the overflow in progress, if any
+        # Polls and readings lost to failed writes since the file was opened. The
+        # file cannot count them itself, because its writes are what failed.
+        self._lost_polls = 0
+        self._lost_readings = 0
+        self._write_error: str | None = None  # the failure in progress, if any
         self._db = _connect(self.path, synchronous)
         self._page_size = self._pragma("page_size")
 
@@ -282,14 +290,39 @@ class Buffer:
         Return False when the poll itself was dropped because it did not fit within
         the limits. Every dropped poll is counted and recorded as a gap; with
         `drop-oldest`, older unsent polls are dropped first to make room.
+
+        A poll that SQLite fails to write (a corrupt page, an I/O error) is counted
+        as dropped in memory, and the failure is logged once until a write succeeds.
         """
         with self._lock:
-            with self._transaction():
-                self._store_device(poll.device)
-                channel_ids = self._channel_ids(poll)
-                stored, shortage = self._insert_within_limits(poll, channel_ids)
+            try:
+                with self._transaction():
+                    self._store_device(poll.device)
+                    channel_ids = self._channel_ids(poll)
+                    stored, shortage = self._insert_within_limits(poll, channel_ids)
+            except _CODE_ERRORS:
+                raise
+            except sqlite3.DatabaseError as err:
+                self._note_write_failure(poll, err)
+                return False
             self._note_overflow(shortage)
+            self._note_write_success()
         return stored
+
+    def _note_write_failure(self, poll: Poll, err: sqlite3.DatabaseError) -> None:
+        self._lost_polls += 1
+        self._lost_readings += len(poll.values)
+        if self._write_error is None:
+            logger.error("buffer %s: cannot write polls (%s); counting them as dropped "
+                         "until a write succeeds. If the file is corrupt, stop the "
+                         "agent and move the file aside", self.path, err)
+        self._write_error = str(err)
+
+    def _note_write_success(self) -> None:
+        if self._write_error is not None:
+            logger.info("buffer %s: writes succeed again after %d lost polls",
+                        self.path, self._lost_polls)
+        self._write_error = None
 
     def _insert_poll(self, poll: Poll, channel_ids: dict[str, int]) -> None:
         cursor = self._db.execute(
@@ -718,7 +751,18 @@ class Buffer:
     # --- reporting --------------------------------------------------------------------
 
     def stats(self) -> BufferStats:
-        """Count what waits to be sent, what is quarantined and what was dropped."""
+        """Count what waits to be sent, what is quarantined and what was dropped.
+
+        :raises BufferFileError: the file is corrupt or cannot be read.
+        """
+        try:
+            return self._stats()
+        except _CODE_ERRORS:
+            raise
+        except sqlite3.DatabaseError as err:
+            raise _corrupt(self.path, str(err)) from err
+
+    def _stats(self) -> BufferStats:
         with self._lock:
             polls, readings, oldest_ms = self._db.execute(
                 """
@@ -735,9 +779,11 @@ class Buffer:
             ).fetchone()
             counters = dict(self._db.execute("SELECT name, value FROM counters"))
             size = self._file_bytes()
-        return BufferStats(polls, readings, size, oldest_ms, batches, quarantined,
-                           dropped_polls=counters.get("dropped_polls", 0),
-                           dropped_readings=counters.get("dropped_readings", 0))
+        return BufferStats(
+            polls, readings, size, oldest_ms, batches, quarantined,
+            dropped_polls=counters.get("dropped_polls", 0) + self._lost_polls,
+            dropped_readings=counters.get("dropped_readings", 0) + self._lost_readings,
+        )
 
     def quarantined(self) -> list[QuarantinedBatch]:
         """List the quarantined batches, oldest first."""
@@ -799,6 +845,7 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
             "is writable"
         ) from err
     try:
+        _check_integrity(db, path)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {pragma}")
         _migrate(db, path)
@@ -807,11 +854,35 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
         raise
     except sqlite3.DatabaseError as err:
         db.close()
+        if "malformed" in str(err):
+            raise _corrupt(path, str(err)) from err
         raise BufferFileError(
             f"cannot use buffer file {path} ({err}); check that the path names the "
             "agent's SQLite buffer and that the file is writable"
         ) from err
     return db
+
+
+def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
+    """Raise BufferFileError when SQLite's quick check finds the file corrupt.
+
+    The quick check reads every page once, but skips the index-to-table comparison of
+    the full integrity check.
+    """
+    # NOTE: on an SD card, a buffer near its 1 GiB default cap may take tens of
+    # seconds to check; this is an estimate, not measured on gateway hardware.
+    rows = db.execute("PRAGMA quick_check(1)").fetchall()
+    if rows != [("ok",)]:
+        raise _corrupt(path, rows[0][0] if rows else "no result")
+
+
+def _corrupt(path: Path, detail: str) -> BufferFileError:
+    # The quick check's report starts with a header line; the message keeps one line.
+    detail = " ".join(detail.replace("*** in database main ***", "").split())
+    return BufferFileError(
+        f"buffer file {path} is corrupt ({detail}); stop the agent, move the file "
+        f"aside (mv {path} {path}.corrupt) and start it again with a new buffer"
+    )
 
 
 def _synchronous_pragma(synchronous: str) -> str:

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from edge_agent.buffer import Buffer
 from edge_agent.config import AgentConfig, DeviceGroup, StatusConfig
-from edge_agent.errors import StatusError
+from edge_agent.errors import BufferFileError, StatusError
 from edge_agent.forwarder import Forwarder
 from edge_agent.poller import round_limit
 from edge_agent.readings import DeviceState, Poll
@@ -205,6 +205,7 @@ class StatusPublisher:
         self.server = server
         self.started_ms = _now_ms()
         self._write_failed = False
+        self._stats_error: str | None = None  # why reading the buffer fails, if it does
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish every interval until `stop` is set; a failed round is logged."""
@@ -217,6 +218,13 @@ class StatusPublisher:
                 return
             try:
                 await self.publish()
+                self._stats_error = None
+            except BufferFileError as err:
+                # Logged once: the buffer logs its own write failures, and a corrupt
+                # file stays corrupt until the operator moves it aside.
+                if self._stats_error is None:
+                    logger.error("publishing the status failed: %s", err)
+                self._stats_error = str(err)
             except Exception:
                 # The next round tries again; polling and forwarding go on meanwhile.
                 logger.exception("publishing the status failed")

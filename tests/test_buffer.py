@@ -292,3 +292,54 @@ def test_missing_folder(tmp_path):
         f"cannot open buffer file {path} (unable to open database file); check that "
         "its folder exists and is writable"
     )
+
+
+def overwrite_pages(path, first_page: int = 2) -> None:
+    """Overwrite every page of the file from `first_page` on with 0xFF bytes."""
+    size = path.stat().st_size
+    with path.open("r+b") as file:
+        file.seek(4096 * first_page)
+        file.write(b"\xff" * (size - 4096 * first_page))
+
+
+def filled_buffer(path) -> Buffer:
+    buffer = Buffer(path)
+    for time_ms in range(1000, 1200):
+        buffer.add_poll(inverter_poll(time_ms))
+    buffer._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return buffer
+
+
+def test_corrupt_file_rejected_at_open(buffer_path):
+    filled_buffer(buffer_path).close()
+    overwrite_pages(buffer_path)
+
+    with pytest.raises(BufferFileError) as caught:
+        Buffer(buffer_path)
+    message = str(caught.value)
+    assert message.startswith(f"buffer file {buffer_path} is corrupt (")
+    assert message.endswith(
+        f"); stop the agent, move the file aside (mv {buffer_path} "
+        f"{buffer_path}.corrupt) and start it again with a new buffer")
+    assert "\n" not in message
+
+
+def test_write_failure_counted_logged_once(buffer_path, caplog):
+    buffer = filled_buffer(buffer_path)
+    overwrite_pages(buffer_path)
+    # A write through another connection makes the buffer drop its page cache.
+    with sqlite3.connect(buffer_path, isolation_level=None) as other:
+        other.execute("PRAGMA user_version = 2")
+
+    with caplog.at_level("INFO", logger="edge_agent.buffer"):
+        stored = [buffer.add_poll(inverter_poll(time_ms)) for time_ms in (5000, 6000)]
+
+    assert stored == [False, False]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert "database disk image is malformed" in errors[0].getMessage()
+    assert buffer._lost_polls == 2
+    assert buffer._lost_readings == 4
+    with pytest.raises(BufferFileError):
+        buffer.stats()
+    buffer.close()

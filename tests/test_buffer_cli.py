@@ -66,3 +66,24 @@ def test_buffer_shows_drops(tmp_path):
 
 def utc(time_ms: int) -> str:
     return f"{datetime.fromtimestamp(time_ms / 1000, UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+
+def test_buffer_reports_corrupt_file(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text(CONFIG)
+    path = tmp_path / "buffer.sqlite"
+    with Buffer(path, gateway_id="gw-test") as buffer:
+        for n in range(20):
+            buffer.add_poll(wide_poll(START_MS + 10_000 * n))
+    with path.open("r+b") as file:
+        file.seek(2 * 4096)
+        file.write(b"\xff" * (path.stat().st_size - 2 * 4096))
+
+    result = CliRunner().invoke(main, ["buffer", "--config", str(config)])
+
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"error: buffer file {path} is corrupt (")
+    assert result.stderr.endswith(
+        f"); stop the agent, move the file aside (mv {path} {path}.corrupt) and "
+        "start it again with a new buffer\n")

@@ -124,7 +124,7 @@ async def test_latest_needs_operator_key(client: TestClient, fleet: Fleet) -> No
     status, reply = await get(client, path, fleet.token_a)
 
     assert status == 401
-    assert reply == {"error": "unknown or revoked operator key"}
+    assert reply == {"error": "unknown or revoked API key: create one with `keys add`"}
 
 
 @pytest.mark.parametrize(

@@ -174,7 +174,7 @@ async def test_gaps_needs_operator_key(client: TestClient, fleet: Fleet) -> None
     status, body = await get(client, fleet.token_a, path, T0, T0 + S)
 
     assert status == 401
-    assert body == {"error": "unknown or revoked operator key"}
+    assert body == {"error": "unknown or revoked API key: create one with `keys add`"}
 
 
 async def test_gaps_unknown_installation(client: TestClient, fleet: Fleet) -> None:
