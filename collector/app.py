@@ -83,9 +83,10 @@ def create_app(config: CollectorConfig) -> web.Application:
     metrics.add_routes(app)
     dashboard.add_routes(app)
     # Imported here because the fleet API's handlers use this module's helpers.
-    from collector import fleet_api
+    from collector import alerts_api, fleet_api
 
     fleet_api.add_routes(app)
+    alerts_api.add_routes(app)
     return app
 
 
