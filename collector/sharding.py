@@ -2,12 +2,14 @@
 
 A request for an installation gets a connection of the installation's shard. A shard
 that cannot be reached raises `ShardUnavailable`, which affects only its installations.
+A shard that could not be migrated at startup is migrated before its first use.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,7 +17,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from collector.config import ShardConfig
-from collector.errors import ShardUnavailable
+from collector.errors import DatabaseError, ShardUnavailable
 from collector.outage import Outage
 
 logger = logging.getLogger(__name__)
@@ -35,8 +37,20 @@ class ShardPools:
     therefore fail the first request after a cut although the shard is reachable again.
     """
 
-    def __init__(self, shards: Sequence[ShardConfig], timeout: float) -> None:
+    def __init__(
+        self,
+        shards: Sequence[ShardConfig],
+        timeout: float,
+        pending: Collection[str] = (),
+        migrate_shard: Callable[[ShardConfig], object] | None = None,
+    ) -> None:
+        """`pending` names shards to migrate with `migrate_shard`, a blocking call
+        run in a thread, before they lend their first connection."""
         self._timeout = timeout
+        self._configs = {shard.name: shard for shard in shards}
+        self._pending = set(pending) if migrate_shard is not None else set()
+        self._migrate_shard = migrate_shard
+        self._migrations = {name: asyncio.Lock() for name in self._pending}
         self._pools = {
             shard.name: AsyncConnectionPool(
                 shard.dsn,
@@ -68,8 +82,9 @@ class ShardPools:
             await pool.close()
 
     def is_down(self, shard: str) -> bool:
-        """True if the last request to `shard` failed to reach it."""
-        return self._outages[shard].down
+        """True if the last request to `shard` failed to reach it, or it is not
+        migrated yet."""
+        return shard in self._pending or self._outages[shard].down
 
     @asynccontextmanager
     async def connection(
@@ -84,6 +99,8 @@ class ShardPools:
         if pool is None:
             raise ShardUnavailable(f"shard {shard!r} is not in the collector's config")
         outage = self._outages[shard]
+        if shard in self._pending:
+            await self._migrate(shard)
         try:
             async with pool.connection() as conn:
                 yield conn
@@ -95,3 +112,22 @@ class ShardPools:
                 f"shard {shard} is unavailable, retry later"
             ) from err
         outage.recovered()
+
+    async def _migrate(self, shard: str) -> None:
+        """Migrate a shard that was unreachable at startup, once.
+
+        :raises ShardUnavailable: the migration failed; the next request tries again.
+        """
+        assert self._migrate_shard is not None
+        async with self._migrations[shard]:
+            if shard not in self._pending:
+                return  # migrated by a concurrent request
+            try:
+                await asyncio.to_thread(self._migrate_shard, self._configs[shard])
+            except DatabaseError as err:
+                self._outages[shard].failed(err)
+                raise ShardUnavailable(
+                    f"shard {shard} is not migrated yet, retry later"
+                ) from err
+            self._pending.discard(shard)
+        logger.info("migrated shard %s, which was unreachable at startup", shard)
