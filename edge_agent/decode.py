@@ -130,30 +130,63 @@ def decode_model(layout: ModelLayout, words: Sequence[int | None]) -> dict[str, 
     `words` may hold None for registers that could not be read; points touching them
     decode to None. Returns point names (as in `PointLayout.name`) to scaled values.
     """
+    points, scaled = _decode_plan(layout)
     raw: dict[str, Value] = {}
     available = len(words)
-    for point in layout.points:
-        one_word = _ONE_WORD.get(point.type) if point.size == 1 else None
+    for name, offset, size, point_type, one_word in points:
         if one_word is not None:
             # The result of decode_raw, without its call, for most points.
-            word = words[point.offset] if point.offset < available else None
+            word = words[offset] if offset < available else None
             if word is None or word == one_word[0]:
-                raw[point.name] = None
+                raw[name] = None
             elif one_word[1] and word >= 0x8000:
-                raw[point.name] = word - 0x10000
+                raw[name] = word - 0x10000
             else:
-                raw[point.name] = word
+                raw[name] = word
             continue
-        point_words = words[point.offset : point.offset + point.size]
-        if len(point_words) < point.size or None in point_words:
-            raw[point.name] = None
+        point_words = words[offset : offset + size]
+        if len(point_words) < size or None in point_words:
+            raw[name] = None
         else:
-            raw[point.name] = decode_raw(point.type, point_words)  # type: ignore[arg-type]
+            raw[name] = decode_raw(point_type, point_words)  # type: ignore[arg-type]
 
-    return {
-        point.name: raw[point.name] if point.sf is None else _apply_scale(point, raw)
-        for point in layout.points
-    }
+    decoded = dict(raw)
+    for point in scaled:
+        decoded[point.name] = _apply_scale(point, raw)
+    return decoded
+
+
+# A point as decode_model reads it: name, offset, size, type, and _ONE_WORD's entry
+# for one-register integer types (else None).
+_PlannedPoint = tuple[str, int, int, str, tuple[int, bool] | None]
+# Decode plans by id of the layout; each entry keeps its layout, so that the id is
+# not reused while the entry exists.
+_DECODE_PLANS: dict[
+    int, tuple[ModelLayout, tuple[_PlannedPoint, ...], tuple[PointLayout, ...]]
+] = {}
+_MAX_DECODE_PLANS = 1024
+
+
+def _decode_plan(
+    layout: ModelLayout,
+) -> tuple[tuple[_PlannedPoint, ...], tuple[PointLayout, ...]]:
+    """Return the layout's points as plain tuples, and its points with a scale factor.
+
+    Layouts are cached and every poll decodes them, so this is built once per layout.
+    """
+    entry = _DECODE_PLANS.get(id(layout))
+    if entry is not None and entry[0] is layout:
+        return entry[1], entry[2]
+    points = tuple(
+        (p.name, p.offset, p.size, p.type,
+         _ONE_WORD.get(p.type) if p.size == 1 else None)
+        for p in layout.points
+    )
+    scaled = tuple(p for p in layout.points if p.sf is not None)
+    if len(_DECODE_PLANS) >= _MAX_DECODE_PLANS:
+        _DECODE_PLANS.clear()
+    _DECODE_PLANS[id(layout)] = (layout, points, scaled)
+    return points, scaled
 
 
 def _apply_scale(point: PointLayout, raw: Mapping[str, Value]) -> Value:

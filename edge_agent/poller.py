@@ -504,7 +504,7 @@ def _model_prefixes(models: Sequence[ModelRef]) -> list[tuple[str, ModelRef]]:
 
 
 def _model_words(model: ModelRef, registers: dict[int, int]) -> list[int | None]:
-    return [registers.get(a) for a in range(model.address, model.end)]
+    return list(map(registers.get, range(model.address, model.end)))
 
 
 _PlannedChannel = tuple[str, Channel, Channel | None]
