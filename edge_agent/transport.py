@@ -95,6 +95,14 @@ class ModbusDisconnected(ModbusError):
     """The endpoint is not connected: the connect failed or the connection was lost."""
 
 
+class ModbusMalformedResponse(ModbusError):
+    """A response frame could not be decoded, e.g. its length fields are wrong.
+
+    The connection is closed, because the byte stream after a bad frame cannot be
+    trusted, and the next read connects again.
+    """
+
+
 def split_read(address: int, count: int, max_registers: int) -> list[tuple[int, int]]:
     """Split a read into (address, count) pieces of at most `max_registers`."""
     return [
@@ -128,6 +136,7 @@ class ModbusEndpoint:
         self._retry_at = 0.0
         self._down: ModbusError | None = None  # last connect failure, while down
         self._last_response_at: float | None = None
+        self._malformed: ModbusIOException | None = None  # frame error of this request
 
     @property
     def label(self) -> str:
@@ -221,7 +230,32 @@ class ModbusEndpoint:
                 str(settings.host), port=settings.port, framer=framer, **options
             )
         self._keep_connect_error(client)
+        self._catch_malformed_frames(client)
         return client
+
+    def _catch_malformed_frames(self, client: Client) -> None:
+        """Fail the pending request when pymodbus cannot decode a response frame.
+
+        pymodbus 3.16 raises ModbusIOException out of the protocol's data_received for
+        a frame whose MBAP length or byte count is wrong. asyncio then logs a full
+        traceback ("Fatal error: protocol.data_received() call failed") and drops the
+        connection, while the request waits for its timeout. Catching the error where
+        pymodbus decodes the buffer keeps the traceback out of the log and lets
+        `_request` raise ModbusMalformedResponse at once.
+        """
+        manager = client.ctx
+        decode = manager.callback_data
+
+        def decode_or_fail(data: bytes, addr: tuple | None = None) -> int:
+            try:
+                return decode(data, addr=addr)
+            except ModbusIOException as err:
+                self._malformed = err
+                if not manager.response_future.done():
+                    manager.response_future.set_exception(err)
+                return len(data)  # drop the undecodable bytes
+
+        manager.callback_data = decode_or_fail
 
     def _keep_connect_error(self, client: Client) -> None:
         """Record the OSError of a failed connect, which pymodbus turns into False.
@@ -324,9 +358,17 @@ class ModbusEndpoint:
         request: dict[str, Any] = {
             "label": self.label, "unit": unit, "address": address, "count": count
         }
+        self._malformed = None
         try:
             return await read(address, count=count, device_id=unit)
         except ModbusIOException as err:
+            if self._malformed is not None:
+                self._close_client()
+                raise ModbusMalformedResponse(
+                    f"{where}: malformed response, its length fields do not match its "
+                    "data; closed the connection, reconnecting on the next read",
+                    **request,
+                ) from err
             if not client.connected:
                 # pymodbus closes a TCP connection after several requests in a row
                 # went unanswered.

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import socket
+import struct
 
 import pytest
 
@@ -19,6 +20,7 @@ from edge_agent.transport import (
     ModbusEndpoint,
     ModbusError,
     ModbusExceptionResponse,
+    ModbusMalformedResponse,
     ModbusTimeout,
     split_read,
 )
@@ -344,3 +346,55 @@ def test_backoff_delay_capped():
     for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (10, 4.0)]:
         for _ in range(20):
             assert 0.0 <= backoff.delay(attempt) <= ceiling
+
+
+def read_response(request: bytes, fault: str) -> bytes:
+    """Build the MBAP frame answering an FC3 request with registers of value 1.
+
+    `fault` "length" lowers the MBAP length below the PDU, "count" raises the byte
+    count above the registers sent, and "" builds a valid frame.
+    """
+    count = int.from_bytes(request[10:12], "big")
+    byte_count = count * 2 + (20 if fault == "count" else 0)
+    pdu = bytes([3, byte_count]) + b"\x00\x01" * count
+    length = 2 if fault == "length" else len(pdu) + 1
+    return request[:2] + b"\x00\x00" + struct.pack(">H", length) + request[6:7] + pdu
+
+
+async def serve_malformed(fault: str) -> tuple[asyncio.Server, list[str]]:
+    """Serve malformed frames on the first connection and valid ones after it."""
+    connections: list[str] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        connections.append(fault if not connections else "")
+        current = connections[-1]
+        while request := await reader.read(260):
+            writer.write(read_response(request, current))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, connections
+
+
+@pytest.mark.parametrize("fault", ["length", "count"])
+async def test_malformed_frame_is_modbus_error(fault, caplog):
+    server, connections = await serve_malformed(fault)
+    port = server.sockets[0].getsockname()[1]
+    endpoint = tcp(port)
+
+    with caplog.at_level(logging.DEBUG, logger="asyncio"):
+        with pytest.raises(ModbusMalformedResponse) as caught:
+            await endpoint.read(1, 40000, 2)
+        assert not endpoint.connected
+        assert await endpoint.read(1, 40000, 2) == [1, 1]
+
+    assert str(caught.value) == (
+        f"127.0.0.1:{port} unit 1: read 40000 count 2 (FC3): malformed response, its "
+        "length fields do not match its data; closed the connection, reconnecting on "
+        "the next read")
+    assert [r for r in caplog.records if r.name == "asyncio"] == []
+    assert connections == [fault, ""]
+    await endpoint.close()
+    server.close()
+    await server.wait_closed()
