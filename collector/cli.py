@@ -254,9 +254,10 @@ def keys_add(name: str, owner_id: int | None, config_path: Path | None) -> None:
         key, secret = catalog.add_key(dsn, name, owner_id)
     finally:
         dbs.close()
-    scope = "operator key" if owner_id is None else f"owner key of owner {owner_id}"
-    click.echo(f"added key {key.name} ({scope})")
+    scope = "operator, whole fleet" if owner_id is None else f"owner {owner_id}"
+    click.echo(f"added key {key.name}")
     click.echo(f"key: {secret}")
+    click.echo(f"scope: {scope}")
     click.echo("The key is shown only once: send it as Authorization: Bearer <key>.")
 
 

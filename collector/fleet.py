@@ -88,7 +88,7 @@ WHERE c.installation_id = ANY(%(installation_ids)s) AND c.name = ANY(%(names)s)
 
 @dataclass
 class Status:
-    """What an installation reports now: last activity, devices by state, power."""
+    """An installation's current status: last activity, devices by state, power."""
 
     last_seen_ms: int | None = None
     devices: dict[str, int] = field(
@@ -97,7 +97,7 @@ class Status:
     power_w: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The status fields of the fleet API's installation entries."""
+        """Return the status fields of the fleet API's installation entries."""
         return {
             "last_seen_ms": self.last_seen_ms,
             "devices": dict(self.devices),

@@ -2,9 +2,10 @@
 energy charts, and fleet totals.
 
 Every route needs a read API key (`keys add`). An owner key sees only its owner's
-installations: lists leave the others out, and asking for one of them is a 403. Fleet
-queries run on every shard at once. A shard that cannot be reached makes a partial
-answer whose `missing` names the shard, its installations and the reason.
+installations: lists leave the others out, and a request for one of them gets 403.
+Fleet queries run on every shard at once. When a shard cannot be reached, the reply
+leaves its installations out and lists the shard, their ids and the reason in
+`missing`.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Longest window per series resolution, in milliseconds, so that one reply stays
-# below about 10,000 points of 5-second polls, 5-minute or hourly buckets.
+# Maximum window per series resolution, in milliseconds: under 10,000 buckets for
+# the rollups, and 17,280 raw points for a channel polled every 5 seconds.
 MAX_SERIES_MS = {
     "raw": 86_400_000,
     "5m": 31 * 86_400_000,
@@ -69,14 +70,14 @@ def add_routes(app: web.Application) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Missing:
-    """A shard whose installations are left out of a fleet answer, and why."""
+    """A shard whose installations are left out of a fleet reply, and why."""
 
     shard: str
     installation_ids: tuple[int, ...]
     reason: str
 
     def to_json(self) -> dict[str, Any]:
-        """The entry of a reply's `missing` list."""
+        """Return the entry of a reply's `missing` list."""
         return {
             "shard": self.shard,
             "installation_ids": list(self.installation_ids),
@@ -91,7 +92,7 @@ async def on_shards(
 ) -> tuple[dict[str, T], list[Missing]]:
     """Run `query` on every shard holding some of `installations`, all at once.
 
-    Returns the results by shard name and the shards that could not answer.
+    Returns the results by shard name and the shards that failed.
     """
     by_shard: dict[str, list[Installation]] = {}
     for installation in installations:

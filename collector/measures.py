@@ -51,7 +51,7 @@ class MeasureChannels:
         return self.ac_power is not None or self.lifetime_energy is not None
 
     def names(self) -> list[str]:
-        """Every channel name that feeds a measure."""
+        """Return every channel name that feeds a measure."""
         single = (self.ac_power, self.lifetime_energy, self.grid_import,
                   self.grid_export)
         return [name for name in single if name is not None] + list(self.dc_power)
@@ -68,7 +68,7 @@ class Measures:
     grid_export_wh: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The measures as the fleet API sends them (`dc_power_w` as a list)."""
+        """Return the measures as the fleet API sends them (`dc_power_w` a list)."""
         return {
             "ac_power_w": self.ac_power_w,
             "lifetime_energy_wh": self.lifetime_energy_wh,

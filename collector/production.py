@@ -3,8 +3,9 @@
 Energy comes from the inverters' lifetime counters (`measures.LIFETIME_ENERGY_CHANNELS`)
 with the counter rules of `collector.energy`, applied to each counter's 5-minute `last`
 series: the last value of every 5-minute bucket. Local days are built from 5-minute
-buckets, so a day of a time zone whose offset is a multiple of 5 minutes (every zone in
-use today) is covered exactly, also on the 23- and 25-hour days of daylight saving time.
+buckets. A time zone whose UTC offset is a multiple of 5 minutes (every zone in use
+today) therefore gets exact days, also the 23- and 25-hour days of daylight saving
+time.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Installation A (owner Alice, shard-1, Europe/Zurich, UTC+1 in December) has two
 inverters and a meter, B (Alice, shard-2, UTC) one inverter, C (Bob, shard-2) none.
-The API's clock stands at NOW, five minutes after the latest readings.
+The API's clock is fixed at NOW, five minutes after the latest readings.
 """
 
 from __future__ import annotations
