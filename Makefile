@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test chromium bench clean
 
 install: $(STAMP)
 
@@ -18,8 +18,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m collector.demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP) chromium
+	$(BIN)/python -m pytest -q -rs
+
+# The dashboard tests drive Debian's headless Chromium. Install it when it is missing and
+# this is a root shell with apt-get; otherwise those tests skip and say why.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then \
+		:; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium for the dashboard tests"; \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -q chromium) \
+		|| echo "chromium could not be installed: the dashboard tests will skip"; \
+	else \
+		echo "chromium is not on PATH and this shell cannot install it" \
+			"(needs apt-get and root): the dashboard tests will skip"; \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -1,9 +1,10 @@
 """The operations dashboard: three static files served at `/`, no build step.
 
-`app.js` reads the fleet API (`/api/v1/...`) with the operator or owner key that the
-user enters once (kept in the browser's localStorage) or passes as `#key=...` in the URL
-fragment, which browsers never send to the server, so the key stays out of access logs.
-Every file is served from this package; the page loads nothing from other hosts.
+`app.js` reads the fleet API (`/api/v1/...`) with an operator or owner key. The user
+enters it once (it is kept in the browser's localStorage) or passes it as `#key=...` in
+the URL fragment. Browsers never send the fragment to the server, so the key stays out
+of access logs. Every file is served from this package, and the page loads nothing from
+other hosts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ FILES = {
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
 }
-# Scripts, styles and API calls from this origin only; no inline script or style.
+# Scripts, styles and API calls from this origin only, and no inline script or style.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"

@@ -2,8 +2,8 @@
 //
 // Routes live in the URL fragment: "#/" is the fleet, "#/installations/7" an
 // installation, "#/installations/7/2025-12-04" one of its days. A fragment parameter
-// "key=..." is stored in localStorage and removed from the address bar; the fragment
-// is never sent to the server, so the key stays out of its logs.
+// "key=..." is stored in localStorage and removed from the address bar. Browsers never
+// send the fragment to the server, so the key stays out of its logs.
 "use strict";
 
 const KEY_STORAGE = "solarfleet.apiKey";
@@ -378,6 +378,28 @@ function channelsDetails(channels, timeZone) {
 
 const CHART = { width: 860, height: 260, left: 64, right: 16, top: 12, bottom: 28 };
 
+// Format axis ticks from 0 to `top` in the unit that fits `top` (W, kW, MW), with
+// as many decimals as the tick step needs.
+function tickFormatter(top, unit) {
+  let scale = 1;
+  let prefix = "";
+  if (top >= 1e6) {
+    scale = 1e6;
+    prefix = "M";
+  } else if (top >= 1e3) {
+    scale = 1e3;
+    prefix = "k";
+  }
+  const step = top / 4 / scale;
+  let decimals = 0;
+  const fraction = (digits) => {
+    const shifted = step * 10 ** digits;
+    return Math.abs(shifted - Math.round(shifted));
+  };
+  while (decimals < 3 && fraction(decimals) > 1e-9) decimals += 1;
+  return (value) => `${(value / scale).toFixed(decimals)} ${prefix}${unit}`;
+}
+
 function niceMax(value) {
   if (!(value > 0)) return 1;
   const magnitude = 10 ** Math.floor(Math.log10(value));
@@ -393,6 +415,7 @@ function powerChart(points, timeZone) {
   const start = points[0][0];
   const end = points[points.length - 1][0] + 300000;
   const top = niceMax(Math.max(...values.map((point) => point[1])));
+  const tick = tickFormatter(top, "W");
   const plotWidth = CHART.width - CHART.left - CHART.right;
   const plotHeight = CHART.height - CHART.top - CHART.bottom;
   const x = (ms) => CHART.left + ((ms - start) / (end - start)) * plotWidth;
@@ -408,7 +431,7 @@ function powerChart(points, timeZone) {
       svg("line", { x1: CHART.left, x2: CHART.width - CHART.right, y1: y(watts),
         y2: y(watts), class: "grid" }),
       svg("text", { x: CHART.left - 6, y: y(watts) + 4, class: "axis",
-        "text-anchor": "end" }, formatPower(watts)));
+        "text-anchor": "end" }, tick(watts)));
   }
   for (let ms = start; ms <= end; ms += 3 * 3600000) {
     chart.append(svg("text", { x: x(ms), y: CHART.height - 8, class: "axis",
@@ -423,6 +446,10 @@ function powerChart(points, timeZone) {
       svg("polygon", { points: `${first},${baseline} ${line.join(" ")} ` +
         `${last},${baseline}`, class: "area" }),
       svg("polyline", { points: line.join(" "), class: "line" }));
+    // A lone value between gaps has no line to draw, so it gets a dot.
+    if (run.length === 1) {
+      chart.append(svg("circle", { cx: first, cy: y(run[0][1]), r: 3, class: "dot" }));
+    }
   }
   const peak = values.reduce((best, point) => (point[1] > best[1] ? point : best));
   return el("figure", {}, chart, el("figcaption", { class: "quiet" },
@@ -447,8 +474,12 @@ function runsOfValues(points) {
 }
 
 function energyBars(days, selectedDate) {
-  if (!days.length) return el("p", { class: "quiet" }, "No days in range.");
-  const top = niceMax(Math.max(0, ...days.map((day) => day.energy_wh || 0)));
+  if (!days.some((day) => day.energy_wh)) {
+    return el("p", { class: "quiet chart-empty" },
+      "No energy recorded in these days.");
+  }
+  const top = niceMax(Math.max(...days.map((day) => day.energy_wh || 0)));
+  const tick = tickFormatter(top, "Wh");
   const plotWidth = CHART.width - CHART.left - CHART.right;
   const plotHeight = CHART.height - CHART.top - CHART.bottom;
   const slot = plotWidth / days.length;
@@ -463,7 +494,7 @@ function energyBars(days, selectedDate) {
       svg("line", { x1: CHART.left, x2: CHART.width - CHART.right, y1: y(wh),
         y2: y(wh), class: "grid" }),
       svg("text", { x: CHART.left - 6, y: y(wh) + 4, class: "axis",
-        "text-anchor": "end" }, formatEnergy(wh)));
+        "text-anchor": "end" }, tick(wh)));
   }
   days.forEach((day, index) => {
     const left = CHART.left + index * slot + slot * 0.15;
@@ -481,8 +512,10 @@ function energyBars(days, selectedDate) {
 
 // ---- routing ----
 
+const INSTALLATION_ROUTE = /^#\/installations\/(\d+)(?:\/(\d{4}-\d{2}-\d{2}))?/;
+
 function parseRoute() {
-  const match = location.hash.match(/^#\/installations\/(\d+)(?:\/(\d{4}-\d{2}-\d{2}))?/);
+  const match = location.hash.match(INSTALLATION_ROUTE);
   if (match) return { name: "installation", id: match[1], date: match[2] || null };
   return { name: "fleet" };
 }
