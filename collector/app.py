@@ -21,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from collector import batch as wire
 from collector import dashboard, energy, fleet, gaps, health, ingest, metrics
 from collector import migrate
-from collector.catalog import Authenticator
+from collector.catalog import Authenticator, Installation, KeyIdentity
 from collector.config import CollectorConfig
 from collector.errors import BatchRejected, DatabaseError, NotFound, ShardUnavailable
 from collector.sharding import ShardPools
@@ -83,6 +83,11 @@ def create_app(config: CollectorConfig) -> web.Application:
     health.add_routes(app)
     metrics.add_routes(app)
     dashboard.add_routes(app)
+    # Imported here because the fleet API's handlers use this module's helpers.
+    from collector import alerts_api, fleet_api
+
+    fleet_api.add_routes(app)
+    alerts_api.add_routes(app)
     return app
 
 
@@ -300,15 +305,42 @@ async def get_gaps(request: web.Request) -> web.Response:
 
 
 async def _operator_installation(request: web.Request) -> tuple[int, str]:
-    """Check the operator key and return the installation id and its shard."""
-    services = request.app[SERVICES]
-    if await _operator(request) is None:
-        raise Unauthorized("unknown or revoked operator key")
-    installation_id = _installation_id(request)
-    shard = await services.auth.installation_shard(installation_id)
-    if shard is None:
-        raise NotFound(f"installation {installation_id} not found")
-    return installation_id, shard
+    """Check the API key and return the installation id and its shard."""
+    installation = await readable_installation(request)
+    return installation.id, installation.shard
+
+
+async def reader(request: web.Request) -> KeyIdentity:
+    """Return the identity of the request's read API key.
+
+    :raises Unauthorized: the key is missing, unknown or revoked.
+    """
+    key = await request.app[SERVICES].auth.key(_bearer(request))
+    if key is None:
+        raise Unauthorized("unknown or revoked API key: create one with `keys add`")
+    return key
+
+
+async def readable_installation(request: web.Request) -> Installation:
+    """Return the installation of the request's path if its API key may read it.
+
+    An owner key gets 403 both for another owner's installation and for an unknown
+    id, so that it cannot tell which ids exist.
+
+    :raises Unauthorized: the key is missing, unknown or revoked.
+    :raises Forbidden: an owner key asks for an installation not its owner's.
+    :raises NotFound: an operator key asks for an unknown installation.
+    """
+    key = await reader(request)
+    installation_id = _installation_id(request, key)
+    installation = await request.app[SERVICES].auth.installation(installation_id)
+    if installation is not None and key.may_read(installation):
+        return installation
+    if key.owner_id is not None:
+        raise Forbidden(
+            f"key {key.name!r} may not read installation {installation_id}"
+        )
+    raise NotFound(f"installation {installation_id} not found")
 
 
 def _window(request: web.Request) -> tuple[int, int]:
@@ -336,9 +368,11 @@ def _query_time(request: web.Request, name: str) -> int:
     return int(text)
 
 
-def _installation_id(request: web.Request) -> int:
+def _installation_id(request: web.Request, key: KeyIdentity) -> int:
     text = request.match_info["installation_id"]
-    if not text.isdigit() or len(text) > 18:
-        raise NotFound(f"installation {text!r} not found: ids are positive integers")
-    return int(text)
+    if text.isascii() and text.isdigit() and len(text) <= 18:
+        return int(text)
+    if key.owner_id is not None:
+        raise Forbidden(f"key {key.name!r} may not read installation {text!r}")
+    raise NotFound(f"installation {text!r} not found: ids are positive integers")
 
