@@ -26,7 +26,7 @@ from edge_agent.buffer import Buffer, BufferLimits, Overflow
 from edge_agent.config import AgentConfig, DeviceGroup
 from edge_agent.errors import CollectorUnavailable
 from edge_agent.forwarder import Forwarder
-from edge_agent.poller import run_endpoint
+from edge_agent.poller import DeviceIds, run_endpoint
 from edge_agent.readings import Poll
 from edge_agent.retry import Backoff
 from edge_agent.service import (
@@ -144,10 +144,12 @@ def _start_tasks(config: AgentConfig, stop: asyncio.Event, forwarder: Forwarder,
                  backoff: Backoff, progress: Progress) -> list[asyncio.Task[None]]:
     """Start one supervised task per device group and one for the forwarder."""
     sink = _buffer_sink(publisher.buffer)
+    device_ids = DeviceIds()  # shared, so no two units of the agent share a serial
     tasks = []
     for group in config.devices:
         monitor = publisher.board.monitor(group, progress)
-        start = partial(_poll_group, poll_endpoint, group, sink, stop, monitor)
+        start = partial(_poll_group, poll_endpoint, group, sink, stop, monitor,
+                        device_ids)
         tasks.append(asyncio.create_task(
             _supervise(monitor.name, start, stop, backoff), name=f"poll {group.name}"))
 
@@ -161,10 +163,13 @@ def _start_tasks(config: AgentConfig, stop: asyncio.Event, forwarder: Forwarder,
 
 
 def _poll_group(poll_endpoint: PollEndpoint, group: DeviceGroup, sink: Sink,
-                stop: asyncio.Event, monitor: GroupMonitor) -> Awaitable[None]:
+                stop: asyncio.Event, monitor: GroupMonitor,
+                device_ids: DeviceIds) -> Awaitable[None]:
     monitor.started()
+    # The group's name is sent to the collector as the name of each of its devices.
     return poll_endpoint(group.settings, group.unit_ids, group.poll_interval, sink, stop,
-                         monitor=monitor, **group.poll_options)
+                         monitor=monitor, name=group.name, device_ids=device_ids,
+                         **group.poll_options)
 
 
 def _buffer_sink(buffer: Buffer) -> Sink:

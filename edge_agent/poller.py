@@ -100,8 +100,10 @@ class UnitPoller:
         wall_clock: Callable[[], float] = time.time,
         quirks: Sequence[Quirk] | None = None,
         extra: RegisterMap | None = None,
+        device_ids: DeviceIds | None = None,
     ):
         self.endpoint = endpoint
+        self.device_ids = DeviceIds() if device_ids is None else device_ids
         self.unit = unit
         self.address = f"{address_label}/{unit}"
         self.name = name
@@ -247,8 +249,11 @@ class UnitPoller:
     def _device_info(self, index: int, device: MappedDevice) -> DeviceInfo:
         identity = device.identity
         fallback = self.address if index == 0 else f"{self.address}#{index + 1}"
+        device_id = fallback
+        if identity.serial and self.device_ids.claim(identity.serial, fallback):
+            device_id = identity.serial
         return DeviceInfo(
-            device_id=identity.serial or fallback,
+            device_id=device_id,
             address=self.address,
             name=self.name,
             manufacturer=identity.manufacturer,
@@ -620,6 +625,31 @@ def round_limit(settings: EndpointSettings, unit_count: int) -> float:
     return unit_count * per_unit
 
 
+class DeviceIds:
+    """The serials used as device ids by the pollers of one agent.
+
+    Two units that report the same serial would become one device at the collector,
+    whose values flap between the two. So the first unit to claim a serial keeps it,
+    and a later one falls back to its address as device id.
+    """
+
+    def __init__(self) -> None:
+        self._owners: dict[str, str] = {}  # serial -> address of the unit using it
+        self._warned: set[tuple[str, str]] = set()
+
+    def claim(self, serial: str, address: str) -> bool:
+        """Tell whether the unit at `address` may use `serial` as its device id."""
+        owner = self._owners.setdefault(serial, address)
+        if owner == address:
+            return True
+        if (serial, address) not in self._warned:
+            logger.warning("%s: serial %s is already used by %s; using %s as this "
+                           "device's id", address, serial, owner, address,
+                           extra={"device": address})
+            self._warned.add((serial, address))
+        return False
+
+
 async def run_endpoint(
     settings: EndpointSettings,
     unit_ids: Sequence[int],
@@ -633,6 +663,7 @@ async def run_endpoint(
     profiles: Mapping[int, RegisterMap] | None = None,
     quirks: Sequence[Quirk] | None = None,
     monitor: RoundMonitor | None = None,
+    device_ids: DeviceIds | None = None,
 ) -> None:
     """Poll every unit of one endpoint in turn every `poll_interval` seconds.
 
@@ -640,12 +671,14 @@ async def run_endpoint(
     devices, read with the matching `quirks` (default: the built-in ones).
     Each Poll goes to `await sink(poll)`, and each unit's result and the end of each
     round to `monitor`. The loop never ends on an error: it logs it and goes on with
-    the next unit. It returns soon after `stop` is set.
+    the next unit. It returns soon after `stop` is set. `device_ids`, shared by all
+    endpoints of an agent, keeps two units from using the same serial.
     """
     endpoint = endpoint_factory(settings)
+    device_ids = DeviceIds() if device_ids is None else device_ids
     pollers = [
         make_poller(endpoint, unit, (profiles or {}).get(unit), quirks=quirks,
-                    name=name)
+                    name=name, device_ids=device_ids)
         for unit in unit_ids
     ]
     logger.info("polling %s units %s every %.1f s", settings.label,
@@ -664,13 +697,14 @@ async def run_endpoint(
 
 
 def make_poller(endpoint: Endpoint, unit: int, profile: RegisterMap | None, *,
-                quirks: Sequence[Quirk] | None = None, name: str = "") -> Poller:
+                quirks: Sequence[Quirk] | None = None, name: str = "",
+                device_ids: DeviceIds | None = None) -> Poller:
     """Build the poller for one unit: SunSpec, SunSpec with extra registers, or profile."""
     label = endpoint.settings.label
     if profile is not None and not profile.sunspec:
         return ProfilePoller(endpoint, unit, profile, address_label=label, name=name)
     return UnitPoller(endpoint, unit, address_label=label, name=name, quirks=quirks,
-                      extra=profile)
+                      extra=profile, device_ids=device_ids)
 
 
 async def _poll_round(endpoint: Endpoint, pollers: Sequence[Poller], sink: Sink,

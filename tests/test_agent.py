@@ -237,3 +237,24 @@ timeout = 0.5
     assert "edge_agent.agent: agent gw-test started: 1 device groups, 1 units" in log
     assert "edge_agent.agent: agent gw-test stopped" in log
     assert collector.received[0].document["states"][0][2] in ("offline", "refused")
+
+
+async def test_groups_get_name_and_shared_ids(tmp_path, collector):
+    config = agent_config(tmp_path, collector.url)
+    options_seen: dict[str, dict] = {}
+    stop = asyncio.Event()
+
+    async def record_options(settings, unit_ids, poll_interval, sink, stop, **options):
+        options_seen[settings.label] = options
+        if len(options_seen) == 2:
+            stop.set()
+        await stop.wait()
+
+    await asyncio.wait_for(
+        run_agent(config, stop, poll_endpoint=record_options, backoff=FAST), LIMIT
+    )
+
+    inverters, meters = options_seen["127.0.0.1:5020"], options_seen["127.0.0.2:5020"]
+    assert inverters["name"] == "inverters"
+    assert meters["name"] == "meters"
+    assert inverters["device_ids"] is meters["device_ids"]

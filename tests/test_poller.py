@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from edge_agent.endpoint import EndpointSettings
-from edge_agent.poller import UnitPoller, run_endpoint
+from edge_agent.poller import DeviceIds, UnitPoller, run_endpoint
 from edge_agent.readings import Channel, DeviceState, Poll
 from fake_endpoint import FakeEndpoint, load_case
 
@@ -42,6 +42,27 @@ class TestUnitPoller:
         endpoint.requests.clear()
         await poller.poll()
         assert endpoint.requests == [(1, 40002, 119)]
+
+    async def test_shared_serial_falls_back(self, caplog):
+        device_ids = DeviceIds()
+        pollers = []
+        for label in (LABEL, "127.0.0.2:1502"):
+            endpoint = FakeEndpoint.from_case(load_case("C03"))
+            pollers.append(UnitPoller(endpoint, 1, address_label=label,
+                                      device_ids=device_ids))
+
+        with caplog.at_level(logging.WARNING, logger="edge_agent.poller"):
+            first = [await pollers[0].poll() for _ in range(2)]
+            second = [await pollers[1].poll() for _ in range(2)]
+            pollers[1].device_map = None  # discovered again, e.g. after a map change
+            second.append(await pollers[1].poll())
+
+        assert [poll.device.device_id for poll in first] == ["7E0C0301"] * 2
+        assert [poll.device.device_id for poll in second] == ["127.0.0.2:1502/1"] * 3
+        assert second[0].device.serial == "7E0C0301"
+        assert [r.getMessage() for r in caplog.records] == [
+            "127.0.0.2:1502/1: serial 7E0C0301 is already used by 127.0.0.1:1502/1; "
+            "using 127.0.0.2:1502/1 as this device's id"]
 
     async def test_sleeping_state(self):
         _, poller = poller_for("C21", 1)
