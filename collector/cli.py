@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -84,12 +86,10 @@ async def _serve(config: CollectorConfig) -> None:
         await site.start()
     except OSError as err:
         await runner.cleanup()
-        raise CollectorError(
-            f"cannot listen on {config.server.host}:{config.server.port}: "
-            f"{err.strerror}; "
-            "set another [server] port"
-        ) from err
-    logger.info("listening on http://%s:%s", config.server.host, config.server.port)
+        raise CollectorError(_listen_error(config, err)) from err
+    # The bound port, which the system picks when the config says port 0.
+    host, port = runner.addresses[0][:2]
+    logger.info("listening on http://%s:%s", host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -98,6 +98,20 @@ async def _serve(config: CollectorConfig) -> None:
     logger.info("stopping")
     await runner.cleanup()
     logger.info("stopped")
+
+
+def _listen_error(config: CollectorConfig, err: OSError) -> str:
+    host, port = config.server.host, config.server.port
+    address_fault = isinstance(err, socket.gaierror) or err.errno in (
+        errno.EADDRNOTAVAIL,
+        errno.EINVAL,
+    )
+    fix = (
+        f"set [server] host to an address of this machine, not {host!r}"
+        if address_fault
+        else f"set another [server] port than {port}"
+    )
+    return f"cannot listen on {host}:{port}: {err.strerror}: {fix}"
 
 
 @main.command("migrate")

@@ -411,3 +411,17 @@ def test_installation_skips_unready_shard(
         "error: shard 'ghost' is not in the config, not reachable or not migrated: "
         "run `solarfleet-collector migrate` and check its dsn\n",
     )
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "192.0.2.1"])
+def test_serve_bad_host_named(config_file: str, host: str) -> None:
+    config = Path(config_file)
+    config.write_text(f'[server]\nhost = "{host}"\nport = 0\n' + config.read_text())
+
+    code, out, err = run("serve", "-c", str(config))
+
+    assert (code, out) == (2, "")
+    assert err.startswith(f"error: cannot listen on {host}:0: ")
+    assert err.endswith(
+        f": set [server] host to an address of this machine, not {host!r}\n"
+    )
