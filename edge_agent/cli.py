@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -223,7 +224,15 @@ def _load_one_line(config_path: Path) -> AgentConfig:
 
 # --- installer tools: scan and read -------------------------------------------------
 
-_TIMEOUT = click.option("--timeout", type=click.FloatRange(0, min_open=True),
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    # click's FloatRange lets nan through, because every comparison with nan is false.
+    if math.isnan(value):
+        raise click.BadParameter(f"{value} is not a number of seconds.")
+    return value
+
+
+_TIMEOUT = click.option("--timeout", type=click.FloatRange(0, 60, min_open=True),
+                        callback=_finite,
                         default=1.0, show_default=True,
                         help="Seconds to wait for each answer.")
 _BAUDRATE = click.option("--baudrate", type=click.IntRange(1), default=9600,

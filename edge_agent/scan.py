@@ -91,15 +91,23 @@ def parse_numbers(text: str, low: int, high: int, kind: str) -> tuple[int, ...]:
     numbers: dict[int, None] = {}
     for item in text.split(","):
         first, _, last = item.strip().partition("-")
-        if not first.isdigit() or (last and not last.isdigit()):
+        # isdigit alone accepts "²", which int() rejects.
+        if not _is_ascii_number(first) or (last and not _is_ascii_number(last)):
             raise ScanError(f"{kind} {item.strip()!r} is not a number or a range like "
                             f"1-10; write them as in {DEFAULT_UNITS}")
         start, end = int(first), int(last or first)
+        if start > end:
+            raise ScanError(f"{kind} range {item.strip()} is reversed; write it as "
+                            f"{end}-{start}")
         if not low <= start <= end <= high:
             raise ScanError(f"{kind} {item.strip()} is outside {low}-{high}; use "
                             f"numbers from {low} to {high}")
         numbers.update(dict.fromkeys(range(start, end + 1)))
     return tuple(numbers)
+
+
+def _is_ascii_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def describe_numbers(numbers: Sequence[int]) -> str:

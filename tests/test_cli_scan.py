@@ -291,6 +291,26 @@ async def test_scan_bad_units():
                              "to 247\n")
 
 
+async def test_scan_reversed_range():
+    result = await invoke("scan", "127.0.0.1:1502", "--units", "5-1")
+    assert result.exit_code == 1
+    assert result.stderr == "error: unit id range 5-1 is reversed; write it as 1-5\n"
+
+
+async def test_scan_non_ascii_digit():
+    result = await invoke("scan", "127.0.0.1:1502", "--units", "\u00b2")
+    assert result.exit_code == 1
+    assert result.stderr == ("error: unit id '\u00b2' is not a number or a range like "
+                             "1-10; write them as in 1-10,126,240,247\n")
+
+
+async def test_scan_timeout_nan():
+    result = await invoke("scan", "127.0.0.1:1502", "--timeout", "nan")
+    assert result.exit_code == 2
+    assert result.stderr.endswith(
+        "Error: Invalid value for '--timeout': nan is not a number of seconds.\n")
+
+
 async def test_scan_bad_target():
     result = await invoke("scan", "modbus://host:502")
     assert result.exit_code == 1
