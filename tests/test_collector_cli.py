@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -425,3 +427,14 @@ def test_serve_bad_host_named(config_file: str, host: str) -> None:
     assert err.endswith(
         f": set [server] host to an address of this machine, not {host!r}\n"
     )
+
+
+def test_cli_skips_pgserver_import() -> None:
+    code = "import sys, collector.cli; print('pgserver' in sys.modules)"
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+
+    assert result.stdout == "False\n"
+    assert "XDG_RUNTIME_DIR" not in result.stderr
