@@ -53,8 +53,9 @@ def test_migrate_prints_applied(
 
     assert first == (
         0,
-        "catalog: 0001_catalog\nshard-1: 0001_shard, 0002_gaps\n"
-        "shard-2: 0001_shard, 0002_gaps\n",
+        "catalog: 0001_catalog, 0002_key_owners\n"
+        "shard-1: 0001_shard, 0002_gaps, 0003_rollups, 0004_alerts\n"
+        "shard-2: 0001_shard, 0002_gaps, 0003_rollups, 0004_alerts\n",
         "",
     )
     assert second == (
