@@ -213,7 +213,7 @@ async def test_agent_stuck_poller_stops_pings(tmp_path, systemd_socket, caplog):
     rounds = asyncio.Event()
 
     async def stuck_until_released(settings, unit_ids, poll_interval, sink, stop,
-                                   monitor):
+                                   monitor, **options):
         await rounds.wait()
         while not stop.is_set():
             monitor.round_finished(poll_interval)
