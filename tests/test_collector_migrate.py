@@ -15,6 +15,9 @@ from conftest import CollectorDatabases
 
 pytestmark = pytest.mark.postgres
 
+CATALOG_MIGRATIONS = ["0001_catalog", "0002_key_owners"]
+SHARD_MIGRATIONS = ["0001_shard", "0002_gaps", "0003_rollups", "0004_alerts"]
+
 
 def tables(dsn: str) -> list[str]:
     with psycopg.connect(dsn) as conn:
@@ -30,7 +33,7 @@ def tables(dsn: str) -> list[str]:
 def test_migrate_catalog_creates_tables(empty_databases: CollectorDatabases) -> None:
     applied = migrate.migrate(empty_databases.catalog_dsn, "catalog")
 
-    assert [m.label for m in applied] == ["0001_catalog"]
+    assert [m.label for m in applied] == CATALOG_MIGRATIONS
     assert tables(empty_databases.catalog_dsn) == [
         "gateways",
         "installations",
@@ -46,14 +49,18 @@ def test_migrate_shard_creates_tables(empty_databases: CollectorDatabases) -> No
 
     applied = migrate.migrate(dsn, "shard")
 
-    assert [m.label for m in applied] == ["0001_shard", "0002_gaps"]
+    assert [m.label for m in applied] == SHARD_MIGRATIONS
     assert tables(dsn) == [
+        "alerts",
         "batches",
         "channels",
         "device_states",
         "devices",
         "gaps",
         "readings",
+        "rollup_1d",
+        "rollup_1h",
+        "rollup_5m",
         "schema_migrations",
     ]
 
@@ -65,9 +72,9 @@ def test_migrate_all_idempotent(empty_databases: CollectorDatabases) -> None:
     second = migrate.migrate_all(dbs)
 
     assert {name: [m.label for m in ms] for name, ms in first.items()} == {
-        "catalog": ["0001_catalog"],
-        "shard-1": ["0001_shard", "0002_gaps"],
-        "shard-2": ["0001_shard", "0002_gaps"],
+        "catalog": CATALOG_MIGRATIONS,
+        "shard-1": SHARD_MIGRATIONS,
+        "shard-2": SHARD_MIGRATIONS,
     }
     assert second == {"catalog": [], "shard-1": [], "shard-2": []}
     with psycopg.connect(empty_databases.catalog_dsn) as conn:
@@ -88,7 +95,7 @@ def test_migrate_concurrent_applies_once(empty_databases: CollectorDatabases) ->
     for thread in threads:
         thread.join()
 
-    assert sorted(results) == [0, 0, 0, 1]
+    assert sorted(results) == [0, 0, 0, len(CATALOG_MIGRATIONS)]
 
 
 def test_migrate_unreachable_database() -> None:
