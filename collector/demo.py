@@ -4,6 +4,9 @@ It starts an embedded PostgreSQL holding the catalog and two shards, and creates
 installations spread over both shards. For each installation it serves one simulated site
 gateway from the device images in `config/demo/` and runs one `solarfleet-agent run`
 process. It runs the collector in this process and prints what arrives until Ctrl-C.
+It prints the dashboard's address with an operator key, and after `--outage-after`
+seconds it stops the Charlie Storage simulator. Its agent then reports the devices
+unreachable, and the alert evaluator, with short `[alerts]` thresholds, opens alerts.
 
 Each start begins from empty databases and buffers under the work directory.
 """
@@ -32,6 +35,7 @@ from collector.app import create_app
 from collector.config import (
     EMBEDDED_CATALOG,
     EMBEDDED_SHARDS,
+    AlertsConfig,
     CollectorConfig,
     DatabaseConfig,
     ServerConfig,
@@ -51,6 +55,10 @@ IMAGES_DIR = Path(__file__).resolve().parent.parent / "config" / "demo"
 # AC power channels of the inverter models: integer, float and IEEE 1547 families.
 AC_POWER_CHANNELS = ("101.W", "102.W", "103.W", "111.W", "112.W", "113.W", "701.W")
 AGENT_STOP_SECONDS = 15.0
+# Alert thresholds for the demo: evaluated every 5 s, so that a stopped site shows up in
+# the dashboard within a minute instead of the production defaults' quarter hour.
+DEMO_ALERTS = AlertsConfig(interval=5.0, gateway_silent_after=60.0, max_sleep=30.0)
+OUTAGE_SITE = "Charlie Storage"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +110,29 @@ def register_sites(catalog_dsn: str) -> list[tuple[DemoSite, int, str]]:
         _, token = catalog.add_gateway(catalog_dsn, site.gateway_id, installation.id)
         registered.append((site, installation.id, token))
     return registered
+
+
+def add_operator_key(catalog_dsn: str) -> str:
+    """Create the demo's operator key, which reads the whole fleet, and return it."""
+    _, secret = catalog.add_key(catalog_dsn, "demo-operator")
+    return secret
+
+
+async def stop_site_later(sites: list[RunningSite], delay: float,
+                          stop: asyncio.Event) -> None:
+    """Stop the `OUTAGE_SITE` simulator after `delay` seconds unless `stop` is set."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=delay)
+        return
+    except TimeoutError:
+        pass
+    running = next(site for site in sites if site.site.name == OUTAGE_SITE)
+    await running.simulator.stop()
+    click.echo(
+        f"stopped the simulator of {OUTAGE_SITE!r} after {delay:g} s: its agent now "
+        "reports its devices unreachable, and within about "
+        f"{DEMO_ALERTS.interval:g} s the dashboard shows a device-not-reporting alert"
+    )
 
 
 def write_agent_config(directory: Path, site: DemoSite, url: str, token: str,
@@ -168,6 +199,16 @@ def shard_summary(dsn: str) -> tuple[int, int, int, int, dict[str, tuple[str, fl
     return installations, devices, channels, readings, power
 
 
+def open_alerts(dsn: str) -> list[str]:
+    """Return one line per open alert on one shard: installation, kind and message."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT installation_id, kind, message FROM alerts"
+            " WHERE resolved_at IS NULL ORDER BY opened_at"
+        ).fetchall()
+    return [f"  installation {iid} {kind}: {message}" for iid, kind, message in rows]
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
@@ -176,9 +217,11 @@ def format_summary(elapsed: float, shards: tuple[tuple[str, str], ...]) -> str:
     """Render one summary block of what has arrived in every shard."""
     lines = [f"--- {elapsed:5.0f} s ---"]
     power_parts = []
+    alert_parts = []
     for name, dsn in shards:
         try:
             installations, devices, channels, readings, power = shard_summary(dsn)
+            alert_parts.extend(open_alerts(dsn))
         except psycopg.Error as err:
             lines.append(f"{name}: unreachable ({str(err).splitlines()[0]})")
             continue
@@ -193,6 +236,9 @@ def format_summary(elapsed: float, shards: tuple[tuple[str, str], ...]) -> str:
     if power_parts:
         lines.append("latest AC power:")
         lines.extend(power_parts)
+    if alert_parts:
+        lines.append("open alerts:")
+        lines.extend(alert_parts)
     return "\n".join(lines)
 
 
@@ -274,7 +320,7 @@ def check_port_free(port: int) -> None:
 
 
 async def run_demo(workdir: Path, port: int, interval: float,
-                   duration: float | None) -> None:
+                   duration: float | None, outage_after: float) -> None:
     """Run the whole demo until Ctrl-C (or `duration` seconds) and shut it down."""
     lock_workdir(workdir)
     check_port_free(port)
@@ -290,22 +336,30 @@ async def run_demo(workdir: Path, port: int, interval: float,
     config = CollectorConfig(
         server=ServerConfig(host="127.0.0.1", port=port),
         database=DatabaseConfig(embedded_dir=pg_dir),
+        alerts=DEMO_ALERTS,
     )
     dbs = await asyncio.to_thread(migrate.prepare, config.database)
     runner = web.AppRunner(create_app(config))
     sites: list[RunningSite] = []
+    outage: asyncio.Task[None] | None = None
     try:
         registered = await asyncio.to_thread(register_sites, dbs.catalog_dsn)
+        key = await asyncio.to_thread(add_operator_key, dbs.catalog_dsn)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         url = f"http://127.0.0.1:{port}"
         click.echo(f"collector listening on {url}")
         sites = await start_sites(workdir, url, registered)
+        click.echo(f"dashboard: {url}/#key={key}")
         click.echo("waiting for readings; press Ctrl-C to stop")
         shards = tuple((shard.name, shard.dsn) for shard in dbs.shards)
+        if outage_after > 0:
+            outage = asyncio.create_task(stop_site_later(sites, outage_after, stop))
         await watch(shards, sites, stop, interval, duration)
     finally:
         click.echo("stopping agents, simulators and collector")
+        if outage is not None:
+            outage.cancel()
         await asyncio.to_thread(stop_agents, sites)
         for running in sites:
             await running.simulator.stop()
@@ -324,12 +378,17 @@ async def run_demo(workdir: Path, port: int, interval: float,
               show_default=True, help="Seconds between summaries.")
 @click.option("--duration", type=click.FloatRange(min=1.0), default=None,
               help="Stop after this many seconds instead of waiting for Ctrl-C.")
-def main(workdir: Path, port: int, interval: float, duration: float | None) -> None:
+@click.option("--outage-after", type=click.FloatRange(min=0.0), default=60.0,
+              show_default=True,
+              help=f"Seconds after which the {OUTAGE_SITE} simulator stops, so that "
+              "alerts open; 0 keeps it running.")
+def main(workdir: Path, port: int, interval: float, duration: float | None,
+         outage_after: float) -> None:
     """Run simulated sites, agents, the collector and PostgreSQL, and show what arrives."""
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(run_demo(workdir, port, interval, duration))
+        asyncio.run(run_demo(workdir, port, interval, duration, outage_after))
     except (CollectorError, DemoError, OSError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
