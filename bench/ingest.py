@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import pstats
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ import psycopg
 from aiohttp import web
 
 from bench.common import (
+    ROOT,
     Goal,
     Section,
     alternate,
@@ -270,8 +272,8 @@ def profile(database: DatabaseConfig, work: Workload, top: int = 10) -> list[str
                      key=lambda item: item[1][2], reverse=True)[:top]
     lines = []
     for (path, line, name), (_, _, own, cumulative, _) in entries:
-        where = path.rsplit("/site-packages/", 1)[-1].rsplit("/main/", 1)[-1]
-        lines.append(f"| `{name}` ({where}:{line}) | {100 * own / total:.1f} % "
+        where = "built-in" if path == "~" else f"{_short_path(path)}:{line}"
+        lines.append(f"| `{name}` ({where}) | {100 * own / total:.1f} % "
                      f"| {100 * cumulative / total:.1f} % |")
     return lines
 
@@ -368,11 +370,11 @@ def report(whole: float, raw: float, executemany: float, whole_runs: list[float]
     section = Section("Collector ingest")
     section.lines += [
         f"{INSTALLATIONS} installations (alternately on two shards) x {DEVICES} "
-        f"devices x {CHANNELS} channels; batches of {ROUNDS_PER_BATCH} poll rounds = "
-        f"{DEVICES * CHANNELS * ROUNDS_PER_BATCH} readings and "
-        f"{DEVICES * ROUNDS_PER_BATCH} states, gzip JSON over HTTP on 127.0.0.1, "
-        f"{readings} readings a run, one gateway per installation sending its batches "
-        "one after another and all gateways at once. The collector runs in its own "
+        f"devices x {CHANNELS} channels. A batch holds {ROUNDS_PER_BATCH} poll "
+        f"rounds = {DEVICES * CHANNELS * ROUNDS_PER_BATCH} readings and "
+        f"{DEVICES * ROUNDS_PER_BATCH} states, as gzip JSON over HTTP on 127.0.0.1, "
+        f"and a run sends {readings} readings. Each installation's gateway sends "
+        "its batches one after another, and all gateways send at once. The collector runs in its own "
         "process; raw COPY and executemany run from the benchmark's process with one "
         "connection per shard, one transaction per batch. Medians of "
         f"{runs} runs, alternated.",
@@ -426,6 +428,15 @@ def report(whole: float, raw: float, executemany: float, whole_runs: list[float]
         Goal("collector ingest / executemany INSERT", whole / executemany, 5.0),
     ]
     return section
+
+
+def _short_path(path: str) -> str:
+    """Shorten a module path to the part under site-packages, the stdlib or the repo."""
+    for marker in ("/site-packages/", f"/lib/python{sys.version_info[0]}."
+                   f"{sys.version_info[1]}/", f"{ROOT}/"):
+        if marker in path:
+            return path.rsplit(marker, 1)[-1]
+    return path
 
 
 def _median(pairs: list[tuple[float, float]], index: int) -> float:
