@@ -374,9 +374,10 @@ def report(whole: float, raw: float, executemany: float, whole_runs: list[float]
         f"rounds = {DEVICES * CHANNELS * ROUNDS_PER_BATCH} readings and "
         f"{DEVICES * ROUNDS_PER_BATCH} states, as gzip JSON over HTTP on 127.0.0.1, "
         f"and a run sends {readings} readings. Each installation's gateway sends "
-        "its batches one after another, and all gateways send at once. The collector runs in its own "
-        "process; raw COPY and executemany run from the benchmark's process with one "
-        "connection per shard, one transaction per batch. Medians of "
+        "its batches one after another, and all gateways send at once. The "
+        "collector runs in its own process. Raw COPY and executemany run from the "
+        "benchmark's process with one connection per shard, one transaction per "
+        "batch. Medians of "
         f"{runs} runs, alternated.",
         "",
         "| path | readings/s | runs | ratio to raw COPY |",
