@@ -254,10 +254,6 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _operator(request: web.Request) -> Awaitable[str | None]:
-    return request.app[SERVICES].auth.key(_bearer(request))
-
-
 async def get_latest(request: web.Request) -> web.Response:
     """Return the latest value of every channel and the state of every device."""
     services = request.app[SERVICES]

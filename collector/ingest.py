@@ -308,7 +308,8 @@ async def _copy(conn: AsyncConnection[Any], statement: str,
 
 async def _insert_new_readings(
     conn: AsyncConnection[Any], params: dict[str, Any], rows: list[ReadingRow]
-) -> int:
+) -> list[ReadingRow]:
+    """Insert the rows not stored yet, through the staging table; return those."""
     await conn.execute(_CREATE_STAGING)
     await _copy(conn, _COPY_STAGING, rows)
     cur = await conn.execute(_INSERT_READINGS, params)
