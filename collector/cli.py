@@ -14,6 +14,13 @@ import click
 from aiohttp import web
 
 from collector import catalog, config as config_module, migrate
+from edge_agent.service import (
+    Notifier,
+    Progress,
+    configure_logging,
+    run_watchdog,
+    watchdog_interval,
+)
 from collector.app import create_app
 from collector.config import CollectorConfig
 from collector.errors import CollectorError
@@ -58,10 +65,7 @@ def _catalog_dsn(config_path: Path | None) -> tuple[str, migrate.Databases]:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 def main(verbose: bool) -> None:
     """Receive readings from solarfleet gateways, store them in sharded PostgreSQL."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         # pgserver logs every command it runs, with its whole output, at info level.
         logging.getLogger("pgserver").setLevel(logging.WARNING)
@@ -94,10 +98,33 @@ async def _serve(config: CollectorConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    notifier = Notifier.from_environ()
+    notifier.send("READY=1", f"STATUS=listening on http://{host}:{port}")
+    watchdog = _start_watchdog(notifier, stop)
     await stop.wait()
+
     logger.info("stopping")
+    notifier.send("STOPPING=1")
+    if watchdog is not None:
+        await watchdog
     await runner.cleanup()
+    notifier.close()
     logger.info("stopped")
+
+
+def _start_watchdog(notifier: Notifier, stop: asyncio.Event) -> asyncio.Task[None] | None:
+    """Ping systemd's watchdog at half its timeout while the event loop keeps running.
+
+    Every request is served on this loop, so a blocked loop stops the pings and systemd
+    restarts the collector. A shard that is down does not stop them: its installations
+    get 503s while the others are served.
+    """
+    timeout = watchdog_interval()
+    if timeout is None or not notifier.enabled:
+        return None
+    return asyncio.create_task(
+        run_watchdog(notifier, Progress(), timeout / 2, stop), name="watchdog"
+    )
 
 
 def _listen_error(config: CollectorConfig, err: OSError) -> str:

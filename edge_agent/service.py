@@ -1,4 +1,4 @@
-"""The agent under systemd: readiness and watchdog notifications, and journal logging.
+"""Both services under systemd: readiness and watchdog notifications, journal logging.
 
 A unit of ``Type=notify`` gets the address of systemd's notification socket in
 NOTIFY_SOCKET: a file system path, or an abstract socket name written with a leading
