@@ -39,7 +39,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,20 +242,28 @@ class BufferStats:
         return (now_ms - self.oldest_ms) / 1000
 
 
+def disk_free_bytes(folder: Path) -> int:
+    """Return the bytes free to this process on the file system of `folder`."""
+    return shutil.disk_usage(folder).free
+
+
 class Buffer:
     """An open buffer file. Use it as a context manager, or call `close`.
 
     `gateway_id` stamps every poll written and selects the polls that batches are cut
     from. None, for tools and tests that need no identity, stamps and selects
-    unstamped polls.
+    unstamped polls. `free_bytes` returns the free bytes on the file system of the
+    folder it is given, and is checked against `limits.min_free_bytes`.
     """
 
     def __init__(self, path: str | Path, synchronous: str = "full", *,
                  gateway_id: str | None = None,
-                 limits: BufferLimits = BufferLimits()) -> None:
+                 limits: BufferLimits = BufferLimits(),
+                 free_bytes: Callable[[Path], int] = disk_free_bytes) -> None:
         self.path = Path(path)
         self.gateway_id = gateway_id
         self.limits = limits
+        self._free_bytes = free_bytes
         self._lock = threading.Lock()
         # (device id, channel name) -> (channel row id, unit), for committed rows only
         self._channels: dict[tuple[str, str], tuple[int, str | None]] = {}
@@ -422,7 +430,7 @@ class Buffer:
         if self.limits.min_free_bytes and grown > 0:
             # NOTE: the WAL file also grows by each commit until the next checkpoint,
             # by up to about 4 MB with SQLite's default autocheckpoint of 1000 pages.
-            free = shutil.disk_usage(self.path.parent).free
+            free = self._free_bytes(self.path.parent)
             if free - grown < self.limits.min_free_bytes:
                 return GapReason.DISK_FULL
         return None

@@ -1,7 +1,7 @@
 """SQLite buffer: byte cap and disk floor, gaps, lanes, gateway stamps, upgrade."""
 
-import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -133,10 +133,16 @@ def test_disk_floor_stops_growth(path):
     with Buffer(path, gateway_id="gw") as buffer:
         buffer.add_poll(wide_poll(0))
     size = path.stat().st_size
-    free = shutil.disk_usage(path.parent).free
+    asked: list[Path] = []
+
+    def free_bytes(folder: Path) -> int:
+        asked.append(folder)
+        return 10_000_000
+
     # A floor above the free space: the file may only fill the pages it has.
-    limits = BufferLimits(min_free_bytes=free + 1, overflow=Overflow.DROP_NEWEST)
-    with Buffer(path, gateway_id="gw", limits=limits) as buffer:
+    limits = BufferLimits(min_free_bytes=10_000_001, overflow=Overflow.DROP_NEWEST)
+    with Buffer(path, gateway_id="gw", limits=limits,
+                free_bytes=free_bytes) as buffer:
         stored = [buffer.add_poll(wide_poll(1000 * n)) for n in range(1, 11)]
         stats = buffer.stats()
         gaps = buffer.gaps()
@@ -150,6 +156,7 @@ def test_disk_floor_stops_growth(path):
         Gap("sn-1", 1000 * (fitted + 1), 10_000, 100 * (10 - fitted), 10 - fitted,
             "disk-full"),
     ]
+    assert set(asked) == {path.parent}
 
 
 def test_gap_travels_with_batch(path):
