@@ -133,10 +133,10 @@ def test_disk_floor_stops_growth(path):
     with Buffer(path, gateway_id="gw") as buffer:
         buffer.add_poll(wide_poll(0))
     size = path.stat().st_size
-    asked: list[Path] = []
+    folders: list[Path] = []
 
     def free_bytes(folder: Path) -> int:
-        asked.append(folder)
+        folders.append(folder)
         return 10_000_000
 
     # A floor above the free space: the file may only fill the pages it has.
@@ -156,7 +156,7 @@ def test_disk_floor_stops_growth(path):
         Gap("sn-1", 1000 * (fitted + 1), 10_000, 100 * (10 - fitted), 10 - fitted,
             "disk-full"),
     ]
-    assert set(asked) == {path.parent}
+    assert set(folders) == {path.parent}
 
 
 def test_gap_travels_with_batch(path):
