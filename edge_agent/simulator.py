@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from pymodbus.constants import ExcCodes
@@ -24,7 +24,14 @@ from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from edge_agent.errors import AgentError
-from edge_agent.images import TABLES, DeviceImage, ImageError, LinkBehaviour, SiteImage
+from edge_agent.images import (
+    TABLES,
+    DeviceImage,
+    ImageError,
+    LinkBehaviour,
+    SiteImage,
+    Table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +282,35 @@ class Simulator:
         self._link.silent_unit = step.unit if step.silent else None
         if self._server is not None:
             await self._write_registers(self.image.at_step(index))
+
+    async def write(
+        self, unit: int, address: int, words: Sequence[int], table: Table = "holding"
+    ) -> None:
+        """Write `words` from `address` into one unit's registers while serving.
+
+        Clients read the new words from their next request on. The image is not
+        changed, so a restart serves the image's words again.
+
+        :raises SimulatorError: the simulator is not serving.
+        :raises ImageError: the unit is not in the image, a word is outside 0-0xFFFF,
+            or a register lies outside the image's blocks.
+        """
+        if self._server is None:
+            raise SimulatorError(f"simulator {self.image.name} is not serving; start it")
+        device = self.image.device(unit)
+        bad = next((word for word in words if not 0 <= word <= 0xFFFF), None)
+        if bad is not None:
+            raise ImageError(
+                f"unit {unit}: word {bad} at {table} register {address} is outside "
+                "0-65535"
+            )
+        if not words or not device.is_mapped(table, address, len(words)):
+            raise ImageError(
+                f"unit {unit}: {table} registers {address} count {len(words)} are not "
+                "all in the image; write inside its blocks"
+            )
+        function_code = 3 if table == "holding" else 4
+        await self._server.async_setValues(unit, function_code, address, list(words))
 
     async def __aenter__(self) -> Simulator:
         await self.start()

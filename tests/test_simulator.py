@@ -240,6 +240,46 @@ async def test_apply_step_out_of_range(serve_image):
         await simulator.apply_step(2)
 
 
+async def test_write_while_serving(serve_image):
+    simulator = await serve_image("C06")
+    client = await connect(simulator.port)
+
+    await simulator.write(240, 40070, [0x1234, 0xABCD])
+
+    assert await read(client, 40069, 3, unit=240) == [203, 0x1234, 0xABCD]
+    assert await read(client, 40069, 2, unit=1) == [103, 0x0032]
+    client.close()
+
+
+async def test_write_input_table(serve_image):
+    simulator = await serve_image("C01a")
+    client = await connect(simulator.port)
+
+    await simulator.write(3, 30775, [0x0001, 0x0002], table="input")
+    response = await client.read_input_registers(30775, count=2, device_id=3)
+
+    assert response.registers == [0x0001, 0x0002]
+    client.close()
+
+
+async def test_write_outside_image(serve_image):
+    simulator = await serve_image("C06")
+
+    with pytest.raises(ImageError, match="holding registers 39999 count 2 are not"):
+        await simulator.write(1, 39999, [0, 0])
+    with pytest.raises(ImageError, match="word 65536 at holding register 40070"):
+        await simulator.write(1, 40070, [65536])
+    with pytest.raises(ImageError, match="no device with unit id 7"):
+        await simulator.write(7, 40070, [0])
+
+
+async def test_write_before_start():
+    simulator = Simulator(load_case("C06"))
+
+    with pytest.raises(SimulatorError, match="is not serving; start it"):
+        await simulator.write(1, 40070, [0])
+
+
 async def test_silent_step(serve_image):
     image = load_case("C06")
     steps = (Step(unit=1, silent=True), Step(unit=1))
