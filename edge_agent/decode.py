@@ -103,10 +103,27 @@ def decode_raw(point_type: str, words: Sequence[int]) -> Value:
 
 def _decode_float(words: Sequence[int]) -> float | None:
     data = b"".join(word.to_bytes(2, "big") for word in words)
-    (value,) = struct.unpack(">f" if len(words) == 2 else ">d", data)
-    if math.isnan(value) or math.isinf(value):
-        return None
-    return value
+    if len(words) != 2:
+        (value,) = struct.unpack(">d", data)
+        return value if math.isfinite(value) else None
+    (value,) = struct.unpack(">f", data)
+    return shortest_float32(value) if math.isfinite(value) else None
+
+
+def shortest_float32(value: float) -> float:
+    """Return the shortest decimal that reads back as the float32 `value`, as a float.
+
+    0x4366F852 is 230.97 on the device's display, not 230.97000122070312.
+    """
+    packed = struct.pack(">f", value)
+    for digits in range(1, 10):
+        shortest = float(f"{value:.{digits}g}")
+        try:
+            if struct.pack(">f", shortest) == packed:
+                return shortest
+        except OverflowError:  # rounded up past the largest float32, 3.4028235e38
+            continue
+    return value  # not reached: 9 significant digits identify every float32
 
 
 def finite(value: float | None) -> float | None:

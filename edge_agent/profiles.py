@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import re
-import struct
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -112,24 +111,12 @@ class Register:
                                       no_value=self.no_value)
         if raw is None:
             return None
-        # Decimal keeps 0.1 x 2345 at 234.5 instead of 234.50000000000003.
-        value = _float32_decimal(raw) if isinstance(raw, float) else Decimal(raw)
+        # Decimal keeps 0.1 x 2345 at 234.5 instead of 234.50000000000003. A float32
+        # arrives as its shortest decimal, so its repr has no float32 noise.
+        value = Decimal(repr(raw)) if isinstance(raw, float) else Decimal(raw)
         if self.multiplier is not None:
             value *= self.multiplier
         return finite(float(value.scaleb(self.exponent)))
-
-
-def _float32_decimal(value: float) -> Decimal:
-    """Return the shortest decimal that reads back as the same float32.
-
-    0x4366F852 is 230.97 on the device's display, not 230.97000122070312.
-    """
-    packed = struct.pack(">f", value)
-    for digits in range(1, 10):
-        text = f"{value:.{digits}g}"
-        if struct.pack(">f", float(text)) == packed:
-            return Decimal(text)
-    return Decimal(repr(value))
 
 
 @dataclass(frozen=True, slots=True)

@@ -231,6 +231,18 @@ async def test_case_c10_max_50_registers(serve_image):  # noqa: F811
     assert run.endpoint.settings.max_registers == 50
 
 
+async def test_case_c15_float32_decimals(serve_image):  # noqa: F811
+    run = await check_case(serve_image, "C15")
+    values = run.polls[1, 0][0].values
+    # Each float32 reads as its shortest decimal, with no float32 noise in its repr.
+    assert repr(values["113.A"]) == "1.26"
+    assert repr(values["113.AphA"]) == "0.42"
+    assert repr(values["113.PPVphAB"]) == "405.2"
+    assert repr(values["113.Hz"]) == "49.97"
+    assert repr(values["113.DCW"]) == "304.46"
+    assert repr(values["113.WH"]) == "40061108.0"
+
+
 async def test_case_c18_vendor_word_order(serve_image):  # noqa: F811
     register_map = builtin_profiles().register_map("solaredge-power-control")
     simulator, run = await start_case(serve_image, "C18")

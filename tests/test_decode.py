@@ -69,7 +69,7 @@ def test_not_implemented_is_none(point_type, words):
         ("uint64", [0, 0, 0x0002, 0x49F0], 150000),
         ("enum16", [7], 7),
         ("bitfield32", [0, 1], 1),
-        ("float32", [0x4367, 0xAF55], struct.unpack(">f", bytes.fromhex("4367af55"))[0]),
+        ("float32", [0x4367, 0xAF55], 231.68489),
         ("ipaddr", [0xC0A8, 0x0114], "192.168.1.20"),
         ("string", [0x5345, 0x3130, 0x4B00, 0x4142], "SE10K"),
     ],
@@ -146,6 +146,27 @@ def test_float_family_same_points(integer, floating):
     integer_names = {p.name for p in integer_layout.points if p.type != "sunssf"}
     float_names = {p.name for p in float_layout.points if p.type != "sunssf"}
     assert float_names == integer_names
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [([0x3FA1, 0x47AE], 1.26), ([0x43CA, 0x999A], 405.2), ([0x4398, 0x3AE1], 304.46),
+     ([0x4C18, 0xD22D], 40061108.0), ([0x3F80, 0x0001], 1.0000001),
+     ([0x0000, 0x0001], 1e-45), ([0x7F7F, 0xFFFF], 3.4028235e38),
+     ([0xC247, 0xE148], -49.97), ([0x8000, 0x0000], -0.0)],
+)
+def test_float32_shortest_decimal(words, expected):
+    value = decode_raw("float32", words)
+    assert repr(value) == repr(expected)
+
+
+def test_float_model_shortest_decimals():
+    words = [113, 60, 0x3FA1, 0x47AE, 0x3ED7, 0x0A3D] + [0] * 58
+    words[10:12] = [0x43CA, 0x999A]
+    values = decode_model(layout_model(113, 60), words)
+    assert values["A"] == 1.26
+    assert values["AphA"] == 0.42
+    assert values["PPVphAB"] == 405.2
 
 
 def test_float_model_decodes_nan_to_none():
