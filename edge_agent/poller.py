@@ -117,6 +117,9 @@ class UnitPoller:
         self._skip: tuple[tuple[int, int], ...] = ()
         self._plan: list[Read] = []
         self._cuts: set[int] = set()
+        self._model_starts: frozenset[int] = frozenset()
+        # Models whose reads failed with exception 4 in the last poll
+        self._failing_models: frozenset[ModelRef] = frozenset()
         self._devices: list[DeviceInfo] = [DeviceInfo(self.address, self.address, name)]
         self._failure: DeviceState | None = None
         self._flagged: set[str] = set()  # device ids whose last frame was implausible
@@ -189,6 +192,7 @@ class UnitPoller:
         )
         self._plan = skip_reads(plan, self._skip)
         self._cuts = cut_addresses(models)
+        self._model_starts = frozenset(model.address for model in models)
         self.device_map = device_map
         self._devices = [self._device_info(i, d) for i, d in
                          enumerate(device_map.devices)]
@@ -221,11 +225,35 @@ class UnitPoller:
 
     async def _read_plan(self) -> dict[int, int]:
         registers, done = await read_registers(
-            self.endpoint, self.unit, self._plan, self._cuts
+            self.endpoint, self.unit, self._plan, self._cuts, self._model_starts
         )
         # Reads that had to be split stay split, so later polls skip the rejected sizes.
+        # NOTE: reads split at model starts after exception 4 stay split even once the
+        # device answers the whole range again, until the next discovery.
         self._plan = done
+        failed = [read for read in done if read.address not in registers]
+        self._note_failing_models(failed)
         return registers
+
+    def _note_failing_models(self, failed: list[Read]) -> None:
+        """Log each model once when its reads start failing with exception 4, and once
+        when they work again."""
+        assert self.device_map is not None
+        failing = frozenset(
+            model for model in self.device_map.models
+            if any(_overlaps(read, model) for read in failed)
+        )
+        for model in sorted(failing - self._failing_models, key=lambda m: m.address):
+            logger.warning(
+                "%s: device failure (Modbus exception 4) reading model %d at %d; its "
+                "values are reported as no value until the read succeeds",
+                self.address, model.model_id, model.address,
+                extra={"device": self.address})
+        for model in sorted(self._failing_models - failing, key=lambda m: m.address):
+            logger.info("%s: model %d at %d read again after a device failure",
+                        self.address, model.model_id, model.address,
+                        extra={"device": self.address})
+        self._failing_models = failing
 
     def _map_matches(self, registers: dict[int, int]) -> bool:
         assert self.device_map is not None
@@ -234,6 +262,8 @@ class UnitPoller:
                 continue
             if _skipped(model.address, model.address + 2, self._skip):
                 continue
+            if model.address not in registers:
+                continue  # its read failed with exception 4 and is tried next poll
             header = (registers.get(model.address), registers.get(model.address + 1))
             if header != (model.model_id, model.length):
                 return False
@@ -242,6 +272,8 @@ class UnitPoller:
             if _skipped(common.address, common.end, self._skip):
                 continue
             words = _model_words(common, registers)
+            if None in words:
+                continue  # a read failed with exception 4 and is tried next poll
             if identity_from_common(words) != device.identity:
                 return False
         return True
@@ -506,6 +538,10 @@ def _model_prefixes(models: Sequence[ModelRef]) -> list[tuple[str, ModelRef]]:
         prefix = str(model.model_id) if count == 1 else f"{model.model_id}#{count}"
         prefixes.append((prefix, model))
     return prefixes
+
+
+def _overlaps(read: Read, model: ModelRef) -> bool:
+    return read.address < model.end and model.address < read.address + read.count
 
 
 def _model_words(model: ModelRef, registers: dict[int, int]) -> list[int | None]:

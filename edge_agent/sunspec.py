@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol
@@ -32,6 +32,7 @@ COMMON_MODEL_ID = 1
 COMMON_MODEL_LENGTHS = (65, 66)  # 66 with the Pad register, 65 without
 DEFAULT_BASES = (40000, 0, 50000)
 ILLEGAL_DATA_ADDRESS = 2
+SERVER_DEVICE_FAILURE = 4  # the device failed to perform the read it accepted
 # Exception codes a gateway returns for a unit id with no device behind it.
 GATEWAY_NO_DEVICE = (10, 11)
 _TYPE_SIZES = {
@@ -465,13 +466,21 @@ def _cut_span(
 
 
 async def read_registers(
-    endpoint: Endpoint, unit: int, reads: Sequence[Read], cuts: set[int]
+    endpoint: Endpoint,
+    unit: int,
+    reads: Sequence[Read],
+    cuts: set[int],
+    model_starts: Collection[int] | None = None,
 ) -> tuple[dict[int, int], list[Read]]:
     """Perform the reads, splitting any rejected with exception 2 on point boundaries.
 
     Returns the registers read, by address, and the reads that worked, which make the
     plan for the next poll. A single point that is still rejected is left out.
-    Every other Modbus error propagates.
+
+    With `model_starts`, a read that fails with exception 4 is split at the model
+    starts inside it, and a failing read within one model stays in the plan with its
+    registers missing from the result, so it is tried again next poll. Every other
+    Modbus error propagates, and so does exception 4 without `model_starts`.
     """
     registers: dict[int, int] = {}
     done: list[Read] = []
@@ -481,11 +490,17 @@ async def read_registers(
         try:
             words = await endpoint.read(unit, read.address, read.count)
         except ModbusExceptionResponse as err:
-            if err.code != ILLEGAL_DATA_ADDRESS:
+            if err.code == ILLEGAL_DATA_ADDRESS:
+                pending[:0] = _split(read, cuts)
+            elif err.code == SERVER_DEVICE_FAILURE and model_starts is not None:
+                pieces = _split(read, set(model_starts))
+                pending[:0] = pieces
+                if not pieces:
+                    done.append(read)
+            else:
                 raise
-            pending[:0] = _split(read, cuts)
-            logger.debug("unit %d: %d registers at %d rejected, split into %s",
-                         unit, read.count, read.address, pending[:2])
+            logger.debug("unit %d: %d registers at %d failed (%s), next reads %s",
+                         unit, read.count, read.address, err, pending[:2])
             continue
         registers.update(zip(range(read.address, read.address + read.count), words))
         done.append(read)
