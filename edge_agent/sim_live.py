@@ -3,10 +3,10 @@
 Each inverter (models 101-103, 111-113, 701) and meter (201-204, 211-214) of an image
 gets its `W` point moved along a compressed day, times a little noise. The day starts
 at the image's value, dips smoothly to `NIGHT_FRACTION` of it half a period later and
-comes back. The model's lifetime counters grow by power x elapsed time: `WH` or `TotWhInj` while the
-power is positive, and on a meter `TotWhImp` while it is positive (import) and
-`TotWhExp` while it is negative (export). Points are found by walking the image's model
-chain and laying each model out with `edge_agent.sunspec.layout_model`.
+comes back. The model's lifetime counters grow by power x elapsed time: `WH` or
+`TotWhInj` while the power is positive, and on a meter `TotWhImp` while it is positive
+(import) and `TotWhExp` while it is negative (export). Points are found by walking the
+image's model chain and laying each model out with `edge_agent.sunspec.layout_model`.
 """
 
 from __future__ import annotations
@@ -147,7 +147,8 @@ def _live_model(
     power = _live_point(layout, names[0], address, words)
     initial_power = values.get(names[0])
     if power is None or not isinstance(initial_power, int | float) or not initial_power:
-        log.debug("unit %d model %d: no usable power point; left static", unit, model_id)
+        log.debug("unit %d model %d: no usable power point; left static",
+                  unit, model_id)
         return None
     counters = [
         _live_point(layout, name, address, words) if name else None

@@ -296,7 +296,9 @@ class Simulator:
             or a register lies outside the image's blocks.
         """
         if self._server is None:
-            raise SimulatorError(f"simulator {self.image.name} is not serving; start it")
+            raise SimulatorError(
+                f"simulator {self.image.name} is not serving; start it first"
+            )
         device = self.image.device(unit)
         bad = next((word for word in words if not 0 <= word <= 0xFFFF), None)
         if bad is not None:
