@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from collector.config import ShardConfig
 from collector.errors import DatabaseError, ShardUnavailable
-from collector.outage import Outage
+from collector.outage import Outage, filter_pool_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ class ShardPools:
         self._pending = set(pending) if migrate_shard is not None else set()
         self._migrate_shard = migrate_shard
         self._migrations = {name: asyncio.Lock() for name in self._pending}
+        # psycopg_pool warns on each failed connect, so only the first of an outage
+        # passes. The outage itself is logged by `Outage` on the request path.
+        self._pool_warnings = filter_pool_warnings()
         self._pools = {
             shard.name: AsyncConnectionPool(
                 shard.dsn,
@@ -61,6 +64,7 @@ class ShardPools:
                 timeout=timeout,
                 reconnect_timeout=timeout,
                 check=AsyncConnectionPool.check_connection,
+                configure=self._connect_hook(shard.name),
             )
             for shard in shards
         }
@@ -73,8 +77,19 @@ class ShardPools:
 
     async def open(self) -> None:
         """Start the pools. They connect in the background, so a down shard waits."""
-        for pool in self._pools.values():
+        for name, pool in self._pools.items():
+            self._pool_warnings.register(name)
             await pool.open(wait=False)
+
+    def _connect_hook(
+        self, shard: str
+    ) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]:
+        """Return the pool's `configure` callback: a new connection ends an outage."""
+
+        async def connected(conn: psycopg.AsyncConnection[Any]) -> None:
+            self._pool_warnings.recovered(shard)
+
+        return connected
 
     async def close(self) -> None:
         """Close every pool, ending its connections."""
