@@ -2,7 +2,7 @@
 
 Every error reply is `{"error": "<one line>"}`. Its status shows the sender what to do:
 400 fix the batch, 401 or 403 fix the token or gateway id, 413 send smaller batches,
-503 retry later.
+415 send gzip or identity, 503 retry later.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import functools
 import logging
 import secrets
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -74,7 +75,11 @@ def create_app(config: CollectorConfig) -> web.Application:
     PostgreSQL when none is configured), applies pending migrations and opens a pool
     per shard. A shard that is down at startup gets 503s until it is reachable.
     """
-    app = web.Application(middlewares=[_json_errors])
+    # The server leaves bodies encoded, because aiohttp's own decoding rejects br or
+    # zstd with a plain-text 400 before any handler runs. read_body decodes gzip.
+    app = web.Application(
+        middlewares=[_json_errors], handler_args={"auto_decompress": False}
+    )
     app.cleanup_ctx.append(_services(config))
     app.router.add_post("/api/v1/batches", post_batch)
     app.router.add_get("/api/v1/installations/{installation_id}/latest", get_latest)
@@ -228,17 +233,23 @@ def _log_rejections(batch: wire.Batch, future_tolerance: float) -> None:
 async def read_body(request: web.Request, limit: int) -> bytes:
     """Read the request body, gzip-decoded, stopping once it exceeds `limit` bytes.
 
-    aiohttp decodes a gzip body while it streams in, in bounded pieces, so a small
-    compressed body that expands enormously is cut off at the limit.
+    A gzip body is decoded while it streams in, at most `limit` + 1 bytes at a time,
+    so a small compressed body that expands enormously is cut off at the limit.
     """
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in _ENCODINGS:
         raise BatchRejected(
-            f"Content-Encoding {encoding!r} is not supported: send gzip or identity"
+            f"unsupported Content-Encoding {encoding!r}: send gzip or identity",
+            status=415,
         )
+    decoder = None
+    if encoding == "gzip":
+        decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header only
     body = bytearray()
     try:
         async for chunk in request.content.iter_chunked(_READ_CHUNK):
+            if decoder is not None:
+                chunk = decoder.decompress(chunk, limit + 1 - len(body))
             body += chunk
             if len(body) > limit:
                 raise BatchRejected(
@@ -246,11 +257,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                     "send smaller batches",
                     status=413,
                 )
-    except web.RequestPayloadError as err:
-        # NOTE: aiohttp also logs this at error level and closes the connection.
+    except (web.RequestPayloadError, zlib.error) as err:
         raise BatchRejected(
             f"body cannot be decoded as {encoding or 'identity'}"
         ) from err
+    # A truncated stream, or data after the end of the gzip member, is not a body.
+    if decoder is not None and (not decoder.eof or decoder.unused_data):
+        raise BatchRejected("body cannot be decoded as gzip")
     return bytes(body)
 
 

@@ -352,7 +352,24 @@ async def test_truncated_gzip_rejected(client: TestClient, fleet: Fleet) -> None
     assert count(fleet.dbs.shard_dsn("shard-1"), "readings") == 0
 
 
-@pytest.mark.parametrize("encoding", ["compress", "x-snappy"])
+async def test_gzip_trailing_data_rejected(client: TestClient, fleet: Fleet) -> None:
+    data = gzip.compress(json.dumps(make_batch("gw-a", READINGS_A)).encode())
+
+    response = await client.post(
+        "/api/v1/batches",
+        data=data + b"trailing",
+        headers={
+            "Authorization": f"Bearer {fleet.token_a}",
+            "Content-Encoding": "gzip",
+        },
+    )
+
+    assert response.status == 400
+    assert await response.json() == {"error": "body cannot be decoded as gzip"}
+    assert count(fleet.dbs.shard_dsn("shard-1"), "readings") == 0
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "deflate", "compress", "x-snappy"])
 async def test_other_encoding_rejected(
     client: TestClient, fleet: Fleet, encoding: str
 ) -> None:
@@ -365,8 +382,8 @@ async def test_other_encoding_rejected(
         },
     )
 
-    assert response.status == 400
+    assert response.status == 415
+    assert response.content_type == "application/json"
     assert await response.json() == {
-        "error": f"Content-Encoding {encoding!r} is not supported: "
-        "send gzip or identity"
+        "error": f"unsupported Content-Encoding {encoding!r}: send gzip or identity"
     }
