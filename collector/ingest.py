@@ -1,9 +1,9 @@
 """Storing a validated batch in its installation's shard, exactly once.
 
 One shard transaction per batch: claim the batch id, register new devices and channels,
-COPY the readings into the readings table (through a staging table that skips those
-already stored, when there are any), merge the inserted readings into the rollups,
-move each channel's latest value, and record the devices' latest states. The caller
+COPY the readings into a staging table, insert those not stored yet into readings,
+merge the inserted ones into the rollups and move each channel's latest value (one
+statement), and record the devices' latest states. The caller
 replies 200 only after the commit, so a batch whose reply is lost is resent and then
 recognised by its id.
 """
@@ -11,7 +11,6 @@ recognised by its id.
 from __future__ import annotations
 
 import logging
-import operator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,16 +25,14 @@ logger = logging.getLogger(__name__)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-# A row of the readings table: installation id, channel id, time, value.
-ReadingRow = tuple[int, int, datetime, float | None]
-
 # ON COMMIT DELETE ROWS empties the table at every commit, and a pooled connection
-# reuses it for the next batch instead of creating a table per batch.
+# reuses it for the next batch instead of creating a table per batch. It contains the
+# batch's readings as they came, and PostgreSQL resolves their channel ids.
 _CREATE_STAGING = """
-CREATE TEMPORARY TABLE IF NOT EXISTS staging_readings (
-    installation_id bigint NOT NULL,
-    channel_id bigint NOT NULL,
-    time timestamptz NOT NULL,
+CREATE TEMPORARY TABLE IF NOT EXISTS staging_batch_readings (
+    device_id text NOT NULL,
+    channel text NOT NULL,
+    time_ms bigint NOT NULL,
     value double precision
 ) ON COMMIT DELETE ROWS
 """
@@ -66,35 +63,46 @@ ON CONFLICT (device_id, name) DO UPDATE SET unit = EXCLUDED.unit
 WHERE c.unit IS DISTINCT FROM EXCLUDED.unit
 """
 
-_SELECT_CHANNELS = """
-SELECT d.device_id, c.name, c.id FROM channels c JOIN devices d ON d.id = c.device_id
-WHERE c.installation_id = %(installation_id)s AND d.device_id = ANY(%(device_ids)s)
-"""
-
-# DISTINCT ON keeps one row per (channel, time) when a batch repeats a reading.
-_INSERT_READINGS = """
-INSERT INTO readings (installation_id, channel_id, time, value)
-SELECT DISTINCT ON (channel_id, time) installation_id, channel_id, time, value
-FROM staging_readings ORDER BY channel_id, time
-ON CONFLICT DO NOTHING
-RETURNING installation_id, channel_id, time, value
-"""
-
-_UPDATE_LATEST = """
-UPDATE channels c SET last_time = s.time, last_value = s.value
-FROM unnest(%(channel_ids)b::bigint[], %(times)b::timestamptz[],
-            %(values)b::float8[]) AS s (channel_id, time, value)
-WHERE c.id = s.channel_id AND (c.last_time IS NULL OR c.last_time < s.time)
-"""
-
-_COPY_READINGS = (
-    "COPY readings (installation_id, channel_id, time, value) "
-    "FROM STDIN (FORMAT BINARY)"
-)
 _COPY_STAGING = (
-    "COPY staging_readings (installation_id, channel_id, time, value) "
+    "COPY staging_batch_readings (device_id, channel, time_ms, value) "
     "FROM STDIN (FORMAT BINARY)"
 )
+
+# One statement inserts the staged readings, moves each channel's latest value and
+# merges the inserted rows into the rollups. DISTINCT ON keeps one row per channel
+# and time when a batch repeats a reading. Rows are sorted by channel and time, so
+# that concurrent batches with the same readings lock them in the same order.
+# PostgreSQL materialises `batch_rows` in that order because it is read twice.
+_STORE_READINGS = """
+WITH batch_rows AS (
+    SELECT DISTINCT ON (c.id, s.time_ms) c.id AS channel_id,
+           timestamptz 'epoch' + s.time_ms * interval '1 millisecond' AS time,
+           s.value
+    FROM staging_batch_readings s
+    JOIN devices d
+      ON d.installation_id = %(installation_id)s AND d.device_id = s.device_id
+    JOIN channels c ON c.device_id = d.id AND c.name = s.channel
+    ORDER BY c.id, s.time_ms
+),
+inserted AS (
+    INSERT INTO readings (installation_id, channel_id, time, value)
+    SELECT %(installation_id)s, channel_id, time, value FROM batch_rows
+    {on_conflict}
+    RETURNING channel_id, time, value
+),
+latest AS (
+    UPDATE channels c SET last_time = l.time, last_value = l.value
+    FROM (SELECT DISTINCT ON (channel_id) channel_id, time, value FROM batch_rows
+          ORDER BY channel_id, time DESC) AS l
+    WHERE c.id = l.channel_id AND (c.last_time IS NULL OR c.last_time < l.time)
+){rollups}
+SELECT count(*) FROM inserted
+"""
+# Nearly every batch contains only new readings. The second form skips stored ones.
+_INSERT_NEW = _STORE_READINGS.format(on_conflict="", rollups=rollups.merge_ctes(
+    "inserted"))
+_INSERT_SKIPPING_STORED = _STORE_READINGS.format(
+    on_conflict="ON CONFLICT DO NOTHING", rollups=rollups.merge_ctes("inserted"))
 
 _UPDATE_STATES = """
 UPDATE devices d SET state = s.state, state_time = s.time
@@ -116,9 +124,6 @@ class IngestResult:
     stored: int
     duplicates: int
     rejected: int = 0
-
-
-_channel_and_time = operator.itemgetter(1, 2)  # the sort key of reading rows
 
 
 def to_datetime(time_ms: int) -> datetime:
@@ -145,8 +150,8 @@ async def store_batch(
             )
         params = {"installation_id": installation_id}
         await _upsert_devices(conn, params, batch)
-        channel_ids = await _upsert_channels(conn, params, batch)
-        stored = await _insert_readings(conn, params, batch, channel_ids)
+        await _upsert_channels(conn, params, batch)
+        stored = await _insert_readings(conn, params, batch)
         await _update_states(conn, params, batch)
         await _store_history(conn, installation_id, batch)
         await conn.execute(
@@ -232,7 +237,7 @@ async def _upsert_devices(
 
 async def _upsert_channels(
     conn: AsyncConnection[Any], params: dict[str, Any], batch: Batch
-) -> dict[tuple[str, str], int]:
+) -> None:
     channels = batch.channels
     await conn.execute(
         _UPSERT_CHANNELS,
@@ -244,89 +249,33 @@ async def _upsert_channels(
             "units": [c.unit for c in channels],
         },
     )
-    cur = await conn.execute(
-        _SELECT_CHANNELS,
-        params
-        | {
-            "device_ids": sorted({c.device_id for c in channels}),
-        },
-    )
-    return {(device_id, name): id_ for device_id, name, id_ in await cur.fetchall()}
 
 
 async def _insert_readings(
-    conn: AsyncConnection[Any],
-    params: dict[str, Any],
-    batch: Batch,
-    channel_ids: dict[tuple[str, str], int],
+    conn: AsyncConnection[Any], params: dict[str, Any], batch: Batch
 ) -> int:
-    """Insert the batch's readings that are not stored yet; return how many."""
+    """Insert the batch's readings that are not stored yet; return how many.
+
+    The readings go to the staging table as they came, because building a row per
+    reading in Python costs more than PostgreSQL's join to the channels.
+    """
     if not batch.readings:
         return 0
-    rows = _reading_rows(params["installation_id"], batch, channel_ids)
-    # Nearly every batch holds only new readings, so they are copied straight into
-    # readings. A reading already stored (the same poll resent under another batch
-    # id) raises a unique violation, and then the batch takes the slower way through
-    # a staging table that skips the stored ones.
+    await conn.execute(_CREATE_STAGING)
+    async with conn.cursor() as cur, cur.copy(_COPY_STAGING) as copy:
+        copy.set_types(["text", "text", "int8", "float8"])
+        for reading in batch.readings:
+            await copy.write_row(reading)
+    # A reading already stored (the same poll resent under another batch id) raises
+    # a unique violation, and then the statement runs again skipping stored ones.
     try:
         async with conn.transaction():
-            await _copy(conn, _COPY_READINGS, rows)
-        inserted = rows
+            cur = await conn.execute(_INSERT_NEW, params)
     except psycopg.errors.UniqueViolation:
-        inserted = await _insert_new_readings(conn, params, rows)
-    await rollups.add_readings(conn, params["installation_id"], inserted)
-    await _update_latest(conn, rows)
-    return len(inserted)
-
-
-def _reading_rows(
-    installation_id: int, batch: Batch, channel_ids: dict[tuple[str, str], int]
-) -> list[ReadingRow]:
-    """Return the readings as rows of readings, sorted by channel and time.
-
-    Sorted, so that concurrent batches that hold the same readings take their locks
-    in the same order and cannot deadlock.
-    """
-    times = {time_ms: to_datetime(time_ms) for time_ms in {r.time_ms for r in
-                                                           batch.readings}}
-    rows = [
-        (installation_id, channel_ids[(r.device_id, r.channel)], times[r.time_ms],
-         r.value)
-        for r in batch.readings
-    ]
-    rows.sort(key=_channel_and_time)
-    return rows
-
-
-async def _copy(conn: AsyncConnection[Any], statement: str,
-                rows: list[ReadingRow]) -> None:
-    async with conn.cursor() as cur, cur.copy(statement) as copy:
-        copy.set_types(["int8", "int8", "timestamptz", "float8"])
-        for row in rows:
-            await copy.write_row(row)
-
-
-async def _insert_new_readings(
-    conn: AsyncConnection[Any], params: dict[str, Any], rows: list[ReadingRow]
-) -> list[ReadingRow]:
-    """Insert the rows not stored yet, through the staging table; return those."""
-    await conn.execute(_CREATE_STAGING)
-    await _copy(conn, _COPY_STAGING, rows)
-    cur = await conn.execute(_INSERT_READINGS, params)
-    return await cur.fetchall()
-
-
-async def _update_latest(conn: AsyncConnection[Any], rows: list[ReadingRow]) -> None:
-    # Rows are sorted by channel and time, so each channel's last row is its latest.
-    latest = {channel_id: (time, value) for _, channel_id, time, value in rows}
-    await conn.execute(
-        _UPDATE_LATEST,
-        {
-            "channel_ids": list(latest),
-            "times": [time for time, _ in latest.values()],
-            "values": [value for _, value in latest.values()],
-        },
-    )
+        cur = await conn.execute(_INSERT_SKIPPING_STORED, params)
+    row = await cur.fetchone()
+    assert row is not None  # a count(*) always returns one row
+    return int(row[0])
 
 
 async def _update_states(

@@ -1,23 +1,15 @@
 """Rollups of the readings: 5-minute, hourly and daily (UTC) buckets per channel.
 
-Ingest calls `add_readings` with the rows it inserted, inside the batch's transaction,
-so a reading already stored, and thus not inserted again, is never counted twice. The
-rows are first aggregated here into buckets. One statement then merges the buckets into
-the three rollup tables: counts and sums add up, min and max widen, and `first` and
-`last` keep the value with the earliest and the latest time. Batches may therefore
+Ingest merges the rows that a batch inserted into the three rollup tables, inside the
+batch's transaction and statement, so a reading already stored, and thus not inserted
+again, is never counted twice. PostgreSQL aggregates the inserted rows into 5-minute
+buckets, the 5-minute buckets into hourly ones and those into daily ones. Merging a
+bucket into a stored one adds up counts and sums, widens min and max, and keeps as
+`first` and `last` the value with the earliest and the latest time, so batches may
 arrive in any order. Null values are left out of every rollup.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
-
-from psycopg import AsyncConnection
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Rollup tables by resolution name, with their bucket width in milliseconds.
 RESOLUTIONS: dict[str, tuple[str, int]] = {
@@ -26,62 +18,36 @@ RESOLUTIONS: dict[str, tuple[str, int]] = {
     "1d": ("rollup_1d", 86_400_000),
 }
 
-# A row of the readings table: installation id, channel id, time, value.
-ReadingRow = tuple[int, int, datetime, float | None]
+_COLUMNS = (
+    "channel_id, bucket, count, sum, min, max, first_time, first_value, last_time, "
+    "last_value"
+)
 
+# Buckets are aligned to the Unix epoch, which makes them UTC-aligned.
+_FIVE_MINUTES = """
+SELECT channel_id, date_bin('5 minutes', time, timestamptz 'epoch') AS bucket,
+       count(*)::integer AS count, sum(value) AS sum, min(value) AS min,
+       max(value) AS max, min(time) AS first_time,
+       (array_agg(value ORDER BY time))[1] AS first_value, max(time) AS last_time,
+       (array_agg(value ORDER BY time DESC))[1] AS last_value
+FROM {source} WHERE value IS NOT NULL GROUP BY 1, 2
+"""
 
-@dataclass(slots=True)
-class Bucket:
-    """Aggregate of one channel's non-null values within one bucket."""
+_COARSER = """
+SELECT channel_id, date_bin('{width}', bucket, timestamptz 'epoch') AS bucket,
+       sum(count)::integer AS count, sum(sum) AS sum, min(min) AS min,
+       max(max) AS max, min(first_time) AS first_time,
+       (array_agg(first_value ORDER BY first_time))[1] AS first_value,
+       max(last_time) AS last_time,
+       (array_agg(last_value ORDER BY last_time DESC))[1] AS last_value
+FROM {source} GROUP BY 1, 2
+"""
 
-    count: int
-    sum: float
-    min: float
-    max: float
-    first_time: datetime
-    first_value: float
-    last_time: datetime
-    last_value: float
-
-    def merge(self, other: Bucket) -> None:
-        """Fold `other`, an aggregate of the same channel and bucket, into this one."""
-        self.count += other.count
-        self.sum += other.sum
-        self.min = min(self.min, other.min)
-        self.max = max(self.max, other.max)
-        if other.first_time < self.first_time:
-            self.first_time, self.first_value = other.first_time, other.first_value
-        if other.last_time > self.last_time:
-            self.last_time, self.last_value = other.last_time, other.last_value
-
-    def add(self, time: datetime, value: float) -> None:
-        """Fold one reading into this aggregate."""
-        self.count += 1
-        self.sum += value
-        if value < self.min:
-            self.min = value
-        if value > self.max:
-            self.max = value
-        if time < self.first_time:
-            self.first_time, self.first_value = time, value
-        if time > self.last_time:
-            self.last_time, self.last_value = time, value
-
-
-# Buckets by (channel id, bucket start).
-Buckets = dict[tuple[int, datetime], Bucket]
-
-
-def _merge_sql(table: str, prefix: str) -> str:
-    return f"""
-INSERT INTO {table} AS r (installation_id, channel_id, bucket, count, sum, min, max,
-                          first_time, first_value, last_time, last_value)
-SELECT %(installation_id)s, * FROM unnest(
-    %({prefix}channel)b::bigint[], %({prefix}bucket)b::timestamptz[],
-    %({prefix}count)b::integer[], %({prefix}sum)b::float8[], %({prefix}min)b::float8[],
-    %({prefix}max)b::float8[], %({prefix}first_time)b::timestamptz[],
-    %({prefix}first_value)b::float8[], %({prefix}last_time)b::timestamptz[],
-    %({prefix}last_value)b::float8[])
+# Ordered by channel and bucket, so that concurrent batches of one installation lock
+# shared rollup rows in the same order and cannot deadlock.
+_MERGE = """
+INSERT INTO {table} AS r (installation_id, {columns})
+SELECT %(installation_id)s, {columns} FROM {source} ORDER BY channel_id, bucket
 ON CONFLICT (installation_id, channel_id, bucket) DO UPDATE SET
     count = r.count + EXCLUDED.count,
     sum = r.sum + EXCLUDED.sum,
@@ -96,96 +62,24 @@ ON CONFLICT (installation_id, channel_id, bucket) DO UPDATE SET
 """
 
 
-# One round trip merges all three resolutions: data-modifying CTEs all run to
-# completion whether or not the main statement reads them.
-_MERGE_ALL = (
-    f"WITH m5 AS ({_merge_sql('rollup_5m', 'm5_')}), "
-    f"h1 AS ({_merge_sql('rollup_1h', 'h1_')}) "
-    f"{_merge_sql('rollup_1d', 'd1_')}"
-)
+def merge_ctes(source: str) -> str:
+    """Return common table expressions that merge the rows of `source` into the
+    5-minute, hourly and daily rollups.
 
-
-def aggregate(rows: Iterable[ReadingRow], width_ms: int) -> Buckets:
-    """Aggregate readings into buckets of `width_ms`, aligned to the Unix epoch."""
-    bucket_of: dict[datetime, datetime] = {}
-    buckets: Buckets = {}
-    for _, channel_id, time, value in rows:
-        if value is None:
-            continue
-        start = bucket_of.get(time)
-        if start is None:
-            start = bucket_of[time] = bucket_start(time, width_ms)
-        found = buckets.get((channel_id, start))
-        if found is None:
-            buckets[(channel_id, start)] = Bucket(
-                1, value, value, value, time, value, time, value
-            )
-        else:
-            found.add(time, value)
-    return buckets
-
-
-def coarsen(buckets: Buckets, width_ms: int) -> Buckets:
-    """Merge buckets into wider ones of `width_ms`, a multiple of their width."""
-    wider: Buckets = {}
-    for (channel_id, start), bucket in buckets.items():
-        key = (channel_id, bucket_start(start, width_ms))
-        found = wider.get(key)
-        if found is None:
-            wider[key] = Bucket(*_fields(bucket))
-        else:
-            found.merge(bucket)
-    return wider
-
-
-def bucket_start(time: datetime, width_ms: int) -> datetime:
-    """Return the start of the bucket of `width_ms` that contains `time`."""
-    time_ms = (time - EPOCH) // timedelta(milliseconds=1)
-    return EPOCH + timedelta(milliseconds=time_ms - time_ms % width_ms)
-
-
-def _fields(bucket: Bucket) -> tuple[Any, ...]:
-    return (
-        bucket.count,
-        bucket.sum,
-        bucket.min,
-        bucket.max,
-        bucket.first_time,
-        bucket.first_value,
-        bucket.last_time,
-        bucket.last_value,
-    )
-
-
-def _columns(prefix: str, buckets: Buckets) -> dict[str, list[Any]]:
-    # Sorted by channel and bucket, so that concurrent batches of one installation
-    # lock shared rollup rows in the same order and cannot deadlock.
-    keys = sorted(buckets)
-    columns: dict[str, list[Any]] = {
-        f"{prefix}channel": [channel_id for channel_id, _ in keys],
-        f"{prefix}bucket": [start for _, start in keys],
-    }
-    names = ("count", "sum", "min", "max", "first_time", "first_value", "last_time",
-             "last_value")
-    rows = [_fields(buckets[key]) for key in keys]
-    for index, name in enumerate(names):
-        columns[f"{prefix}{name}"] = [row[index] for row in rows]
-    return columns
-
-
-async def add_readings(
-    conn: AsyncConnection[Any], installation_id: int, rows: list[ReadingRow]
-) -> None:
-    """Merge newly inserted readings into the 5-minute, hourly and daily rollups.
-
-    Call it in the transaction that inserted `rows`, and only with rows that were
-    inserted, never with readings that were already stored.
+    `source` names an earlier common table expression of the same statement with
+    the columns `channel_id`, `time` and `value`: the rows that the statement
+    inserted into readings, never readings that were already stored. The statement
+    must bind `installation_id`. Each expression starts with a comma, to follow
+    the statement's earlier ones; data-modifying ones run to completion whether or
+    not the main statement reads them.
     """
-    five = aggregate(rows, RESOLUTIONS["5m"][1])
-    if not five:
-        return
-    hourly = coarsen(five, RESOLUTIONS["1h"][1])
-    daily = coarsen(hourly, RESOLUTIONS["1d"][1])
-    params: dict[str, Any] = {"installation_id": installation_id}
-    params |= _columns("m5_", five) | _columns("h1_", hourly) | _columns("d1_", daily)
-    await conn.execute(_MERGE_ALL, params)
+    parts = [
+        ("rollup_five", _FIVE_MINUTES.format(source=source)),
+        ("rollup_hour", _COARSER.format(width="1 hour", source="rollup_five")),
+        ("rollup_day", _COARSER.format(width="1 day", source="rollup_hour")),
+    ]
+    for name, (table, _) in zip(("rollup_five", "rollup_hour", "rollup_day"),
+                                RESOLUTIONS.values()):
+        merge = _MERGE.format(table=table, columns=_COLUMNS, source=name)
+        parts.append((f"merge_{table}", merge))
+    return "".join(f",\n{name} AS ({sql})" for name, sql in parts)

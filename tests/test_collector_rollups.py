@@ -10,7 +10,6 @@ import psycopg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from collector import rollups
 from collector_http import T0, Fleet, add_fleet, make_batch, post, start_client
 from conftest import CollectorDatabases
 
@@ -97,20 +96,21 @@ async def test_rollups_other_shard_untouched(
     assert len(rollup_rows(fleet.dbs.shard_dsn("shard-1"), "rollup_1d")) == 1
 
 
-def test_bucket_start_floors() -> None:
-    time = EPOCH + timedelta(milliseconds=T0 + 299_999)
+async def test_rollups_bucket_edges(client: TestClient, fleet: Fleet) -> None:
+    edge = [["sn-1", "701.W", T0 + ms_, value]
+            for ms_, value in ((299_999, 7.0), (300_000, 8.0))]
+    await send(client, fleet, make_batch("gw-a", edge))
 
-    assert ms(rollups.bucket_start(time, 300_000)) == T0
-    assert ms(rollups.bucket_start(time, 86_400_000)) == T0 - 16 * 3_600_000
+    shard = fleet.dbs.shard_dsn("shard-1")
+    assert [row[0] for row in rollup_rows(shard, "rollup_5m")] == [T0, T0 + 300 * S]
+    assert [row[0] for row in rollup_rows(shard, "rollup_1d")] == [
+        T0 - 16 * 3_600_000
+    ]
 
 
-def test_aggregate_keeps_first_and_last_by_time() -> None:
-    at = [EPOCH + timedelta(milliseconds=T0 + s * S) for s in (20, 0, 10)]
-    rows = [(1, 7, at[0], 2.0), (1, 7, at[1], 4.0), (1, 7, at[2], None)]
+async def test_rollups_first_last_by_time(client: TestClient, fleet: Fleet) -> None:
+    await send(client, fleet, make_batch("gw-a", watts((20, 2.0), (0, 4.0), (10, None))))
 
-    buckets = rollups.aggregate(rows, 300_000)
-
-    bucket = buckets[(7, at[1])]
-    assert (bucket.count, bucket.sum, bucket.min, bucket.max) == (2, 6.0, 2.0, 4.0)
-    assert (bucket.first_time, bucket.first_value) == (at[1], 4.0)
-    assert (bucket.last_time, bucket.last_value) == (at[0], 2.0)
+    assert rollup_rows(fleet.dbs.shard_dsn("shard-1"), "rollup_5m") == [
+        (T0, 2, 6.0, 2.0, 4.0, T0, 4.0, T0 + 20 * S, 2.0),
+    ]
