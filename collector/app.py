@@ -233,8 +233,8 @@ def _log_rejections(batch: wire.Batch, future_tolerance: float) -> None:
 async def read_body(request: web.Request, limit: int) -> bytes:
     """Read the request body, gzip-decoded, stopping once it exceeds `limit` bytes.
 
-    A gzip body is decoded while it streams in, at most `limit` + 1 bytes at a time,
-    so a small compressed body that expands enormously is cut off at the limit.
+    A gzip body is decoded while it streams in, never beyond `limit` + 1 bytes, so a
+    small compressed body that expands enormously is cut off at the limit.
     """
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in _ENCODINGS:
@@ -244,7 +244,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         )
     decoder = None
     if encoding == "gzip":
-        decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header only
+        decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip, not zlib
     body = bytearray()
     try:
         async for chunk in request.content.iter_chunked(_READ_CHUNK):

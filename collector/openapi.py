@@ -121,6 +121,7 @@ def _paths() -> dict[str, Any]:
                     "duplicates": {"type": "integer"},
                     "rejected": {"type": "integer"}})),
                 "400": _ERROR, "401": _ERROR, "403": _ERROR, "413": _ERROR,
+                "415": _ERROR,
                 "503": _ERROR,
             },
         }},
