@@ -539,9 +539,31 @@ async function render() {
   }
   // A slower render that started earlier must not replace a newer one.
   if (ticket !== rendering) return;
+  const focus = focusedField();
   view.replaceChildren(content);
+  restoreFocus(focus);
   document.getElementById("updated").textContent =
     `Updated ${formatTime(Date.now())}.`;
+}
+
+// The refresh replaces the whole view, so the field being typed in (a filter box, the
+// date) is found again by its id and gets back its focus and caret.
+function focusedField() {
+  const field = document.activeElement;
+  if (!field || !field.id || !view.contains(field)) return null;
+  const caret = typeof field.selectionStart === "number"
+    ? [field.selectionStart, field.selectionEnd, field.selectionDirection]
+    : null;
+  return { id: field.id, caret };
+}
+
+function restoreFocus(focus) {
+  if (!focus) return;
+  const field = document.getElementById(focus.id);
+  if (!field || !view.contains(field)) return;
+  field.focus({ preventScroll: true });
+  // An input of type date has no caret (selectionStart is null), only focus.
+  if (focus.caret) field.setSelectionRange(...focus.caret);
 }
 
 function errorNotice(err) {
