@@ -52,14 +52,15 @@ async def latest(conn: AsyncConnection[Any], installation_id: int) -> dict[str, 
     }
 
 
-# Device states as the fleet API counts them: a device that cannot be read for a
-# reason of its own (refused, not-sunspec, malformed) is faulted, and a device that
-# never reported a state is offline.
+# Device states as the fleet API counts them. `refused` means the TCP connect was
+# refused (device switched off, or its port held by another client), so it counts as
+# offline like a device that never reported a state. A device that responds but
+# cannot be read as SunSpec (not-sunspec, malformed) is faulted.
 STATE_GROUPS = {
     "online": "online",
     "sleeping": "sleeping",
     "offline": "offline",
-    "refused": "faulted",
+    "refused": "offline",
     "not-sunspec": "faulted",
     "malformed": "faulted",
 }

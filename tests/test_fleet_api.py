@@ -95,7 +95,7 @@ async def load(client: TestClient, site: Site) -> None:
     )
     assert status == 200, body
     readings_b = [["sn-9", "103.W", T0 - H, 1000.0]]
-    states_b = [["sn-9", T0 - H, "online"]]
+    states_b = [["sn-9", T0 - H, "online"], ["sn-8", T0 - H, "malformed"]]
     status, body = await post(
         client, site.tokens["b"], make_batch("gw-b", readings_b, states=states_b)
     )
@@ -135,7 +135,7 @@ def devices(online: int = 0, sleeping: int = 0, offline: int = 0, faulted: int =
 def expected_a(site: Site) -> dict[str, Any]:
     return summary(
         site.a, "Roof A", 1, "Europe/Zurich", "shard-1",
-        last_seen_ms=T0 - H, devices=devices(online=2, faulted=1),
+        last_seen_ms=T0 - H, devices=devices(online=2, offline=1),
         power_w=5000.0, energy_today_wh=7600.0, open_alerts=0,
     )
 
@@ -143,7 +143,7 @@ def expected_a(site: Site) -> dict[str, Any]:
 def expected_b(site: Site) -> dict[str, Any]:
     return summary(
         site.b, "Barn B", 1, "UTC", "shard-2", last_seen_ms=T0 - H,
-        devices=devices(online=1), power_w=1000.0, energy_today_wh=None,
+        devices=devices(online=1, faulted=1), power_w=1000.0, energy_today_wh=None,
         open_alerts=0,
     )
 
@@ -183,7 +183,7 @@ async def test_fleet_totals(client: TestClient, site: Site) -> None:
         "installations": 3,
         "power_w": 6000.0,
         "energy_today_wh": 7600.0,
-        "devices": devices(online=3, faulted=1),
+        "devices": devices(online=3, offline=1, faulted=1),
         "open_alerts": 0,
         "missing": [],
     }
@@ -466,7 +466,7 @@ async def test_shard_down_partial_answer(site: Site, clock: None, proxy_factory)
         "installations": 3,
         "power_w": 5000.0,
         "energy_today_wh": 7600.0,
-        "devices": devices(online=2, faulted=1),
+        "devices": devices(online=2, offline=1),
         "open_alerts": 0,
         "missing": missing,
     })

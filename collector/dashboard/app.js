@@ -104,8 +104,12 @@ function appendChildren(node, children) {
   }
 }
 
+// A device whose TCP connect is refused is switched off or its port is held, so its
+// badge has the offline colour, as the fleet API counts it.
+const STATE_COLOURS = { refused: "offline" };
+
 function stateBadge(state) {
-  const known = STATES.includes(state) ? state : "faulted";
+  const known = STATES.includes(state) ? state : STATE_COLOURS[state] || "faulted";
   return el("span", { class: `badge state-${known}` }, state || "unknown");
 }
 
