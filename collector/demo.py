@@ -5,7 +5,9 @@ installations spread over both shards. For each installation it serves one simul
 gateway from the device images in `config/demo/` and runs one `solarfleet-agent run`
 process. It runs the collector in this process and prints what arrives until Ctrl-C.
 It prints the dashboard's address with an operator key, and after `--outage-after`
-seconds it stops the Charlie Storage simulator. Its agent then reports the devices
+seconds it stops the Charlie Storage simulator. Every agent poll interval each
+simulated inverter and meter gets a new AC power along a compressed day, and its
+lifetime energy counters grow by that power (`edge_agent.sim_live`). Its agent then reports the devices
 unreachable, and the alert evaluator, with short `[alerts]` thresholds, opens alerts.
 
 Each start begins from empty databases and buffers under the work directory.
@@ -42,6 +44,7 @@ from collector.config import (
 )
 from collector.errors import CollectorError
 from edge_agent.images import load_image
+from edge_agent.sim_live import LiveSite
 from edge_agent.simulator import Simulator
 
 logger = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ IMAGES_DIR = Path(__file__).resolve().parent.parent / "config" / "demo"
 # AC power channels of the inverter models: integer, float and IEEE 1547 families.
 AC_POWER_CHANNELS = ("101.W", "102.W", "103.W", "111.W", "112.W", "113.W", "701.W")
 AGENT_STOP_SECONDS = 15.0
+POLL_INTERVAL = 2.0  # seconds between the agents' polls and the simulators' updates
 # Alert thresholds for the demo: evaluated every 5 s, so that a stopped site shows up in
 # the dashboard within a minute instead of the production defaults' quarter hour.
 DEMO_ALERTS = AlertsConfig(interval=5.0, gateway_silent_after=60.0, max_sleep=30.0)
@@ -87,6 +91,7 @@ class RunningSite:
     simulator: Simulator
     agent: subprocess.Popen[bytes]
     log_path: Path
+    live: asyncio.Task[None]
 
 
 def reset_databases(pg_dir: Path) -> None:
@@ -147,7 +152,7 @@ def write_agent_config(directory: Path, site: DemoSite, url: str, token: str,
         f'[buffer]\npath = "buffer.sqlite"\n\n'
         f'[[devices]]\nname = "site-gateway"\ntransport = "tcp"\n'
         f'host = "127.0.0.1"\nport = {simulator_port}\nunit_ids = [{units}]\n'
-        f"poll_interval = 2.0\ntimeout = 1.0\n"
+        f"poll_interval = {POLL_INTERVAL}\ntimeout = 1.0\n"
     )
     return path
 
@@ -255,7 +260,10 @@ async def start_sites(workdir: Path, url: str,
             simulator.port, tuple(image.units),
         )
         agent, log_path = start_agent(config_path)
-        running.append(RunningSite(site, installation_id, simulator, agent, log_path))
+        live = asyncio.create_task(LiveSite(simulator).run(POLL_INTERVAL))
+        running.append(
+            RunningSite(site, installation_id, simulator, agent, log_path, live)
+        )
         click.echo(
             f"site {site.name!r}: installation {installation_id} on {site.shard}, "
             f"simulator on 127.0.0.1:{simulator.port} units "
@@ -362,6 +370,7 @@ async def run_demo(workdir: Path, port: int, interval: float,
             outage.cancel()
         await asyncio.to_thread(stop_agents, sites)
         for running in sites:
+            running.live.cancel()
             await running.simulator.stop()
         await runner.cleanup()
         await asyncio.to_thread(dbs.close)
