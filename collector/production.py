@@ -62,18 +62,23 @@ WHERE c.installation_id = ANY(%(installation_ids)s) AND c.name = ANY(%(names)s)
 ORDER BY c.device_id, c.id
 """
 
-# Nameplate ratings, else the highest AC power in the rollups of the window.
+# Nameplate ratings, else the highest AC power in the rollups of the window. The
+# lateral subquery reads each power channel's rollups by primary key; a plain join
+# let the planner scan every channel of the shard.
 _MAX_POWER = """
 SELECT c.device_id, max(c.last_value), 'rating' FROM channels c
 WHERE c.installation_id = ANY(%(installation_ids)s) AND c.name = ANY(%(ratings)s)
   AND c.last_value > 0
 GROUP BY c.device_id
 UNION ALL
-SELECT c.device_id, max(abs(r.max)), 'observed' FROM rollup_5m r
-JOIN channels c ON c.id = r.channel_id
-WHERE r.installation_id = ANY(%(installation_ids)s)
-  AND c.installation_id = r.installation_id AND c.name = ANY(%(power)s)
-  AND r.bucket >= %(start)s AND r.bucket < %(end)s
+SELECT c.device_id, max(r.observed), 'observed' FROM channels c
+CROSS JOIN LATERAL (
+    SELECT max(abs(max)) AS observed FROM rollup_5m
+    WHERE installation_id = c.installation_id AND channel_id = c.id
+      AND bucket >= %(start)s AND bucket < %(end)s
+) r
+WHERE c.installation_id = ANY(%(installation_ids)s) AND c.name = ANY(%(power)s)
+  AND r.observed IS NOT NULL
 GROUP BY c.device_id
 """
 
