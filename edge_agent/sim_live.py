@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
-DAY_SECONDS = 300.0  # one compressed day: full power, a dip, full power again
+# One compressed day: full power, a dip, full power again. Dashboards chart 5-minute
+# averages, so a day of four such buckets still shows as a curve there.
+DAY_SECONDS = 1200.0
 NIGHT_FRACTION = 0.15  # power at the bottom of the dip, as a fraction of the start
 NOISE_FRACTION = 0.02  # power noise: uniform within +-2 % of the curve
 # Per model: the power point, the counter that rises while the power is positive and
