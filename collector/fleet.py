@@ -164,16 +164,22 @@ async def _add_power_now(
         status.power_w = (status.power_w or 0.0) + value
 
 
+# One row per device, its channels ordered by name as parallel arrays, sent in
+# binary so that the arrays keep their types.
 _DEVICE_ROWS = """
-SELECT id, device_id, name, manufacturer, model, serial, state,
-       (extract(epoch FROM state_time) * 1000)::bigint
-FROM devices WHERE installation_id = %s ORDER BY device_id
-"""
-
-_CHANNEL_ROWS = """
-SELECT device_id, id, name, unit, last_value,
-       (extract(epoch FROM last_time) * 1000)::bigint
-FROM channels WHERE installation_id = %s ORDER BY device_id, name
+SELECT d.device_id, d.name, d.manufacturer, d.model, d.serial, d.state,
+       (extract(epoch FROM d.state_time) * 1000)::bigint,
+       c.ids, c.names, c.units, c.last_values, c.times_ms
+FROM devices d
+CROSS JOIN LATERAL (
+    SELECT array_agg(id ORDER BY name) AS ids, array_agg(name ORDER BY name) AS names,
+           array_agg(unit ORDER BY name) AS units,
+           array_agg(last_value ORDER BY name) AS last_values,
+           array_agg((extract(epoch FROM last_time) * 1000)::bigint ORDER BY name)
+               AS times_ms
+    FROM channels WHERE device_id = d.id
+) c
+WHERE d.installation_id = %s ORDER BY d.device_id
 """
 
 
@@ -182,29 +188,28 @@ async def devices(
 ) -> list[dict[str, Any]]:
     """Return the installation's devices with their channels' latest values and
     their normalised measures."""
-    cur = await conn.execute(_CHANNEL_ROWS, (installation_id,))
-    channels: dict[int, list[dict[str, Any]]] = {}
-    for device, channel_id, name, unit, value, time_ms in await cur.fetchall():
-        channels.setdefault(device, []).append(
-            {"id": channel_id, "name": name, "unit": unit, "value": value,
-             "time_ms": time_ms}
-        )
-    cur = await conn.execute(_DEVICE_ROWS, (installation_id,))
+    cur = await conn.execute(_DEVICE_ROWS, (installation_id,), binary=True)
     found = []
     for row in await cur.fetchall():
-        device_channels = channels.get(row[0], [])
-        values = {c["name"]: c["value"] for c in device_channels}
+        device_id, name, manufacturer, model, serial, state, state_ms = row[:7]
+        columns = [column or [] for column in row[7:]]
+        channels = [
+            {"id": channel_id, "name": channel_name, "unit": unit, "value": value,
+             "time_ms": time_ms}
+            for channel_id, channel_name, unit, value, time_ms in zip(*columns)
+        ]
+        values = {channel["name"]: channel["value"] for channel in channels}
         found.append(
             {
-                "device_id": row[1],
-                "name": row[2],
-                "manufacturer": row[3],
-                "model": row[4],
-                "serial": row[5],
-                "state": row[6],
-                "state_ms": row[7],
+                "device_id": device_id,
+                "name": name,
+                "manufacturer": manufacturer,
+                "model": model,
+                "serial": serial,
+                "state": state,
+                "state_ms": state_ms,
                 "measures": measures.device_measures(values).to_json(),
-                "channels": device_channels,
+                "channels": channels,
             }
         )
     return found
