@@ -9,9 +9,10 @@ earlier poll, because devices change them at run time.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -216,6 +217,117 @@ def _apply_scale(point: PointLayout, raw: Mapping[str, Value]) -> Value:
     if isinstance(value, float):
         return finite(float(Decimal(repr(value)).scaleb(exponent)))
     return finite(scale(int(value), exponent))
+
+
+# Scale factor words inside SCALE_FACTOR_RANGE, as the power of ten they multiply or
+# divide by. Any other word, None and 0x8000 (not implemented) included, is in neither.
+_MULTIPLY_BY_WORD = {exponent: 10**exponent for exponent in range(0, 11)}
+_DIVIDE_BY_WORD = {0x10000 + exponent: 10**-exponent for exponent in range(-10, 0)}
+
+# Integer types that PointDecoder decodes in its loop, by size: 1, 2 or 4 registers.
+_INTEGER_TYPES = {*_ONE_WORD, "int32", "uint32", "enum32", "bitfield32", "acc32",
+                  "int64", "uint64", "acc64"}
+_UNSIGNED = 1 << 64  # a sign bit that no unsigned value of up to 4 registers reaches
+
+# The steps PointDecoder takes for one point: offset, size, not-implemented value, sign
+# bit and offset of its scale factor word (or None). Other points have a function.
+_Step = tuple[int, int, int, int, int | None, Callable[[list[int | None]], Value] | None]
+
+
+class PointDecoder:
+    """Decodes chosen points of one layout, with each point's steps worked out once.
+
+    `decode(words)` returns what `decode_model(layout, words)` has for those points, in
+    the order given, without decoding the other points or building a dict. Polls decode
+    the same layouts again and again, so this is built once per layout.
+    """
+
+    def __init__(self, layout: ModelLayout, names: Sequence[str]) -> None:
+        by_name = {point.name: point for point in layout.points}
+        self.size = max((p.offset + p.size for p in layout.points), default=0)
+        self.steps: tuple[_Step, ...] = tuple(
+            _step(by_name[name], by_name) if name in by_name else _MISSING_STEP
+            for name in names
+        )
+
+    def decode(self, words: Sequence[int | None]) -> list[Value]:
+        """Decode the chosen points from a model's words, starting at its ID."""
+        if len(words) < self.size or not isinstance(words, list):
+            words = [*words, *[None] * (self.size - len(words))]
+        values: list[Value] = []
+        append = values.append
+        for offset, size, missing, sign_bit, sf_offset, function in self.steps:
+            if function is not None:
+                append(function(words))
+                continue
+            if size == 1:
+                word = words[offset]
+                if word is None:
+                    append(None)
+                    continue
+            else:
+                part = words[offset : offset + size]
+                if None in part:
+                    append(None)
+                    continue
+                word = 0
+                for register in part:
+                    word = word << 16 | register  # type: ignore[operator]
+            if word == missing:
+                append(None)
+                continue
+            if word >= sign_bit:
+                word -= sign_bit << 1
+            if sf_offset is None:
+                append(word)
+                continue
+            sf_word = words[sf_offset]
+            if sf_word in _MULTIPLY_BY_WORD:
+                append(float(word * _MULTIPLY_BY_WORD[sf_word]))
+            elif sf_word in _DIVIDE_BY_WORD:
+                append(word / _DIVIDE_BY_WORD[sf_word])
+            else:
+                append(None)
+        return values
+
+
+def _step(point: PointLayout, by_name: Mapping[str, PointLayout]) -> _Step:
+    sf_point = by_name.get(point.sf) if isinstance(point.sf, str) else None
+    if point.type not in _INTEGER_TYPES or isinstance(point.sf, int):
+        return (0, 0, 0, 0, None, functools.partial(_decode_point, point, sf_point))
+    sign_bit = 1 << (16 * point.size - 1) if point.type in _SIGNED else _UNSIGNED
+    fixed = (point.offset, point.size, _NOT_IMPLEMENTED[point.type], sign_bit)
+    if point.sf is None:
+        return (*fixed, None, None)
+    # The tables above read a scale factor word as sunssf does.
+    if sf_point is not None and sf_point.size == 1 and \
+            _ONE_WORD.get(sf_point.type) == _ONE_WORD["sunssf"]:
+        return (*fixed, sf_point.offset, None)
+    return (0, 0, 0, 0, None, functools.partial(_decode_point, point, sf_point))
+
+
+def _missing(words: list[int | None]) -> Value:
+    return None
+
+
+_MISSING_STEP: _Step = (0, 0, 0, 0, None, _missing)
+
+
+def _decode_point(
+    point: PointLayout, sf_point: PointLayout | None, words: list[int | None]
+) -> Value:
+    """Decode and scale one point as decode_model does, for the types without a step."""
+    raw = {point.name: _decode_words(point, words)}
+    if sf_point is not None:
+        raw[sf_point.name] = _decode_words(sf_point, words)
+    return _apply_scale(point, raw)
+
+
+def _decode_words(point: PointLayout, words: list[int | None]) -> Value:
+    point_words = words[point.offset : point.offset + point.size]
+    if len(point_words) < point.size or None in point_words:
+        return None
+    return decode_raw(point.type, point_words)  # type: ignore[arg-type]
 
 
 def normalise_power_factor(value: float | None) -> float | None:

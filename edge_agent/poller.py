@@ -19,8 +19,7 @@ from typing import Protocol
 
 from edge_agent.decode import (
     NON_CHANNEL_TYPES,
-    Value,
-    decode_model,
+    PointDecoder,
     normalise_power_factor,
 )
 from edge_agent.endpoint import EndpointSettings
@@ -304,14 +303,17 @@ class UnitPoller:
         flagged = False
         for prefix, model in _model_prefixes(device.models):
             words = _model_words(model, registers)
-            decoded = _decode_channels(prefix, model, words, values, channels)
-            if decoded is None:
+            layout = _decode_channels(prefix, model, words, values, channels)
+            operating = OPERATING_STATES.get(model.model_id)
+            if layout is None or operating is None:
                 continue
-            if _implausible(model, words, decoded):
+            own_state = values.get(f"{prefix}.{operating.point}")
+            if _implausible(model, operating, words, own_state):
                 flagged = True
-                for name in decoded:
-                    values[f"{prefix}.{name}"] = None
-            elif _sleeping(model, decoded):
+                for point in layout.points:
+                    values[f"{prefix}.{point.name}"] = None
+            elif _sleeping(operating, own_state,
+                           values.get(f"{prefix}.{operating.alarm}")):
                 state = DeviceState.SLEEPING
 
         self._note_frame(info.device_id, flagged)
@@ -548,7 +550,22 @@ def _model_words(model: ModelRef, registers: dict[int, int]) -> list[int | None]
     return list(map(registers.get, range(model.address, model.end)))
 
 
-_PlannedChannel = tuple[str, Channel, Channel | None]
+@dataclass(frozen=True, slots=True)
+class _ChannelPlan:
+    """The channels of one model's points, for one prefix and layout."""
+
+    layout: ModelLayout  # kept, so that its id is not reused while the plan exists
+    decoder: PointDecoder  # decodes the points that become channels
+    keys: tuple[str, ...]  # channel names, in the order of `channels`
+    channels: tuple[Channel, ...]  # a normalised PF channel follows its point's
+    normalised: tuple[int, ...]  # where in `keys` a normalised PF channel is
+
+    def decode(self, words: list[int | None], values: dict[str, float | None]) -> None:
+        """Decode one model's words into `values`, by channel name."""
+        decoded = self.decoder.decode(words)
+        for index in self.normalised:
+            decoded.insert(index, normalise_power_factor(decoded[index - 1]))
+        values.update(zip(self.keys, decoded))  # type: ignore[arg-type]
 
 
 def _decode_channels(
@@ -557,61 +574,62 @@ def _decode_channels(
     words: list[int | None],
     values: dict[str, float | None],
     channels: list[Channel],
-) -> dict[str, Value] | None:
-    """Decode one model into `values` and `channels`; return its decoded points."""
+) -> ModelLayout | None:
+    """Decode one model into `values` and `channels`; return its layout.
+
+    Returns None, and decodes nothing, for the common model and unknown models.
+    """
     layout = layout_model(model.model_id, model.length, words)
     if layout is None or model.model_id == COMMON_MODEL_ID:
         return None
-    decoded = decode_model(layout, words)
-    for point_name, channel, normalised in _channel_plan(prefix, layout):
-        value = decoded[point_name]
-        value = value if isinstance(value, (int, float)) else None
-        values[channel.name] = value
-        channels.append(channel)
-        if normalised is not None:
-            values[normalised.name] = normalise_power_factor(value)
-            channels.append(normalised)
-    return decoded
+    plan = _channel_plan(prefix, layout)
+    plan.decode(words, values)
+    channels.extend(plan.channels)
+    return layout
 
 
-# Channel plans by (prefix, id of the layout); each entry keeps its layout, so that
-# the id is not reused while the entry exists.
-_CHANNEL_PLANS: dict[tuple[str, int], tuple[ModelLayout, list[_PlannedChannel]]] = {}
+# Channel plans by (prefix, id of the layout).
+_CHANNEL_PLANS: dict[tuple[str, int], _ChannelPlan] = {}
 _MAX_CHANNEL_PLANS = 1024
 
 
-def _channel_plan(prefix: str, layout: ModelLayout) -> list[_PlannedChannel]:
-    """Return the channels of a model's points: (point name, channel, normalised).
+def _channel_plan(prefix: str, layout: ModelLayout) -> _ChannelPlan:
+    """Return the plan that turns a model's points into channels.
 
-    Layouts are cached, so the channels of a model are built once, not every poll.
+    Layouts are cached, so the channels of a model are planned once, not every poll.
+    Points of the types in NON_CHANNEL_TYPES, ID and L become no channel.
     """
-    entry = _CHANNEL_PLANS.get((prefix, id(layout)))
-    if entry is not None and entry[0] is layout:
-        return entry[1]
-    plan = []
+    plan = _CHANNEL_PLANS.get((prefix, id(layout)))
+    if plan is not None and plan.layout is layout:
+        return plan
+    names: list[str] = []
+    channels: list[Channel] = []
+    normalised: list[int] = []
     for point in layout.points:
         if point.type in NON_CHANNEL_TYPES or point.name in ("ID", "L"):
             continue
-        channel = Channel(f"{prefix}.{point.name}", point.units)
-        normalised = None
+        names.append(point.name)
+        channels.append(Channel(f"{prefix}.{point.name}", point.units))
         if point.units == "Pct" and point.name.split(".")[-1].startswith("PF"):
-            normalised = Channel(f"{channel.name}.normalised", None)
-        plan.append((point.name, channel, normalised))
+            normalised.append(len(channels))
+            channels.append(Channel(f"{prefix}.{point.name}.normalised", None))
+    plan = _ChannelPlan(layout, PointDecoder(layout, names),
+                        tuple(channel.name for channel in channels), tuple(channels),
+                        tuple(normalised))
     if len(_CHANNEL_PLANS) >= _MAX_CHANNEL_PLANS:
         _CHANNEL_PLANS.clear()
-    _CHANNEL_PLANS[(prefix, id(layout))] = (layout, plan)
+    _CHANNEL_PLANS[(prefix, id(layout))] = plan
     return plan
 
 
-def _implausible(model: ModelRef, words: list[int | None],
-                 decoded: dict[str, Value]) -> bool:
+def _implausible(model: ModelRef, operating: _OperatingState,
+                 words: list[int | None], state: object) -> bool:
     """Tell whether a frame is all zeros, scale factors included, with a fault state.
 
     Devices send such a frame now and then between good ones. Its zeros are no
     measurement, and an energy counter of 0 would look like a reset.
     """
-    operating = OPERATING_STATES.get(model.model_id)
-    if operating is None or decoded.get(operating.point) != operating.fault:
+    if state != operating.fault:
         return False
     layout = layout_model(model.model_id, model.length)
     assert layout is not None
@@ -626,11 +644,8 @@ def _implausible(model: ModelRef, words: list[int | None],
     return True
 
 
-def _sleeping(model: ModelRef, decoded: dict[str, Value]) -> bool:
-    operating = OPERATING_STATES.get(model.model_id)
-    if operating is None or decoded.get(operating.point) not in operating.sleeping:
-        return False
-    return not decoded.get(operating.alarm)
+def _sleeping(operating: _OperatingState, state: object, alarm: object) -> bool:
+    return state in operating.sleeping and not alarm
 
 
 Sink = Callable[[Poll], Awaitable[None]]

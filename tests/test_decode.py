@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from edge_agent.decode import (
+    PointDecoder,
     decode_model,
     decode_profile_register,
     decode_raw,
@@ -231,3 +232,47 @@ def test_float64_scaled_past_range_is_none():
     big = struct.unpack(">4H", struct.pack(">d", 1.7e308))
     values = decode_model(layout, [64999, 5, *big, 10])
     assert values["W"] is None
+
+
+def mixed_layout() -> ModelLayout:
+    return ModelLayout(
+        model_id=64999,
+        length=16,
+        points=(
+            PointLayout("ID", 0, "uint16", 1),
+            PointLayout("L", 1, "uint16", 1),
+            PointLayout("A", 2, "uint16", 1, "A", "SF"),
+            PointLayout("SF", 3, "sunssf", 1),
+            PointLayout("Tmp", 4, "int16", 1, "C", -1),
+            PointLayout("W", 5, "int32", 2, "W", "SF"),
+            PointLayout("Wh", 7, "acc64", 4, "Wh", "SF"),
+            PointLayout("Hz", 11, "float32", 2, "Hz", "SF"),
+            PointLayout("V", 13, "uint16", 1, "V", "Gone_SF"),
+            PointLayout("Evt", 14, "bitfield32", 2),
+            PointLayout("Md", 16, "string", 2),
+        ),
+    )
+
+
+MIXED_NAMES = ["A", "Tmp", "W", "Wh", "Hz", "V", "Evt", "Md", "SF", "Absent"]
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ([64999, 16, 302, 0xFFFF, 215, 0xFFFF, 0xFFFE, 0, 0, 0, 1000,
+          0x4366, 0xF852, 5, 0, 4, 0x4142, 0x4300],
+         [30.2, 21.5, -0.2, 100.0, 23.097, None, 4, "ABC", -1, None]),
+        ([64999, 16, 0xFFFF, 0x8000, 0x8000, 0x8000, 0, 0, 0, 0, 0,
+          0x7FC0, 0, 0xFFFF, 0xFFFF, 0xFFFF, 0, 0],
+         [None, None, None, None, None, None, None, None, None, None]),
+        ([64999, 16, 302, 2, None, 0, 7, 0, 0, 0, None],
+         [30200.0, None, 700.0, None, None, None, None, None, 2, None]),
+    ],
+)
+def test_point_decoder_matches_model(words, expected):
+    decoded = decode_model(mixed_layout(), words)
+    values = PointDecoder(mixed_layout(), MIXED_NAMES).decode(words)
+    assert values == expected
+    assert values == [decoded.get(name) for name in MIXED_NAMES]
+    assert list(map(type, values)) == [type(decoded.get(name)) for name in MIXED_NAMES]
