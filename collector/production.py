@@ -83,15 +83,21 @@ GROUP BY c.device_id
 """
 
 # One row per channel with its series as two arrays, fetched in binary: row by row,
-# parsing the timestamps took longer than the query.
+# parsing the timestamps took longer than the query. The lateral subquery reads each
+# channel's buckets by primary key, in order; matching installation_id and channel_id
+# lists against each other probed every pair of them.
 _LAST_SERIES = """
-SELECT channel_id,
-       array_agg((extract(epoch FROM last_time) * 1000)::bigint ORDER BY bucket),
-       array_agg(last_value ORDER BY bucket)
-FROM rollup_5m
-WHERE installation_id = ANY(%(installation_ids)s) AND channel_id = ANY(%(channel_ids)s)
-  AND bucket >= %(start)s AND bucket < %(end)s
-GROUP BY channel_id
+SELECT c.id, s.times_ms, s.last_values FROM channels c
+CROSS JOIN LATERAL (
+    SELECT array_agg((extract(epoch FROM last_time) * 1000)::bigint ORDER BY bucket)
+               AS times_ms,
+           array_agg(last_value ORDER BY bucket) AS last_values
+    FROM rollup_5m
+    WHERE installation_id = c.installation_id AND channel_id = c.id
+      AND bucket >= %(start)s AND bucket < %(end)s
+) s
+WHERE c.installation_id = ANY(%(installation_ids)s) AND c.id = ANY(%(channel_ids)s)
+  AND s.times_ms IS NOT NULL
 """
 
 
