@@ -36,6 +36,7 @@ from edge_agent.sunspec import (
     ILLEGAL_DATA_ADDRESS,
     DeviceMap,
     Endpoint,
+    Identity,
     MalformedMap,
     MappedDevice,
     ModelLayout,
@@ -114,6 +115,12 @@ class UnitPoller:
         self.last_exception: Exception | None = None  # why the last poll failed
         self._extra_plan: list[ProfileRead] | None = None
         self._skip: tuple[tuple[int, int], ...] = ()
+        # What each poll checks the map by: model headers by address, and the common
+        # model of each device with its identity.
+        self._headers: tuple[tuple[int, tuple[int, int]], ...] = ()
+        self._commons: tuple[tuple[ModelRef, Identity], ...] = ()
+        # Words of each common model, by address, that decode to the identity in the map
+        self._identity_words: dict[int, list[int | None]] = {}
         self._plan: list[Read] = []
         self._cuts: set[int] = set()
         self._model_starts: frozenset[int] = frozenset()
@@ -192,6 +199,7 @@ class UnitPoller:
         self._plan = skip_reads(plan, self._skip)
         self._cuts = cut_addresses(models)
         self._model_starts = frozenset(model.address for model in models)
+        self._note_map(device_map)
         self.device_map = device_map
         self._devices = [self._device_info(i, d) for i, d in
                          enumerate(device_map.devices)]
@@ -255,27 +263,37 @@ class UnitPoller:
         self._failing_models = failing
 
     def _map_matches(self, registers: dict[int, int]) -> bool:
-        assert self.device_map is not None
-        for model in self.device_map.models:
-            if layout_model(model.model_id, model.length) is None:
-                continue
-            if _skipped(model.address, model.address + 2, self._skip):
-                continue
-            if model.address not in registers:
-                continue  # its read failed with exception 4 and is tried next poll
-            header = (registers.get(model.address), registers.get(model.address + 1))
-            if header != (model.model_id, model.length):
+        """Tell whether the model headers and identities read agree with the map."""
+        get = registers.get
+        for address, header in self._headers:
+            # A model missing from `registers` failed with exception 4 and is tried
+            # again next poll.
+            if address in registers and (registers[address], get(address + 1)) != header:
                 return False
-        for device in self.device_map.devices:
-            common = device.models[0]
-            if _skipped(common.address, common.end, self._skip):
-                continue
+        for common, identity in self._commons:
             words = _model_words(common, registers)
             if None in words:
                 continue  # a read failed with exception 4 and is tried next poll
-            if identity_from_common(words) != device.identity:
+            if words == self._identity_words.get(common.address):
+                continue
+            if identity_from_common(words) != identity:
                 return False
+            self._identity_words[common.address] = words
         return True
+
+    def _note_map(self, device_map: DeviceMap) -> None:
+        """Note the headers and common models that each poll checks against the map."""
+        self._headers = tuple(
+            (model.address, (model.model_id, model.length))
+            for model in device_map.models
+            if layout_model(model.model_id, model.length) is not None
+            and not _skipped(model.address, model.address + 2, self._skip)
+        )
+        self._commons = tuple(
+            (device.models[0], device.identity) for device in device_map.devices
+            if not _skipped(device.models[0].address, device.models[0].end, self._skip)
+        )
+        self._identity_words.clear()
 
     def _device_info(self, index: int, device: MappedDevice) -> DeviceInfo:
         identity = device.identity
