@@ -231,7 +231,8 @@ _UNSIGNED = 1 << 64  # a sign bit that no unsigned value of up to 4 registers re
 
 # The steps PointDecoder takes for one point: offset, size, not-implemented value, sign
 # bit and offset of its scale factor word (or None). Other points have a function.
-_Step = tuple[int, int, int, int, int | None, Callable[[list[int | None]], Value] | None]
+_PointFunction = Callable[[list[int | None]], Value]
+_Step = tuple[int, int, int, int, int | None, _PointFunction | None]
 
 
 class PointDecoder:

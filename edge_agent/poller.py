@@ -264,11 +264,12 @@ class UnitPoller:
 
     def _map_matches(self, registers: dict[int, int]) -> bool:
         """Tell whether the model headers and identities read agree with the map."""
-        get = registers.get
         for address, header in self._headers:
             # A model missing from `registers` failed with exception 4 and is tried
             # again next poll.
-            if address in registers and (registers[address], get(address + 1)) != header:
+            if address not in registers:
+                continue
+            if (registers[address], registers.get(address + 1)) != header:
                 return False
         for common, identity in self._commons:
             words = _model_words(common, registers)
