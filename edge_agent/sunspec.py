@@ -131,7 +131,6 @@ class _CountsNeeded(Exception):
 
 
 @functools.cache
-@functools.cache
 def model_definition(model_id: int) -> dict[str, Any] | None:
     """Load pysunspec2's definition of a model, or None where it has none.
 
@@ -155,25 +154,71 @@ def layout_model(
     curve points of models 705-712) needs `words`, the model's words from its ID. Without
     them the layout has the fixed points only.
     """
-    if model_definition(model_id) is None:
-        return None
-    if not _needs_counts(model_id, length):
-        return _cached_layout(model_id, length, ())
+    known = _LAYOUTS.get((model_id, length), _NOT_CACHED)
+    if known is not _NOT_CACHED:
+        return known  # type: ignore[return-value]
+    if model_definition(model_id) is None or not _needs_counts(model_id, length):
+        return _keep(_LAYOUTS, (model_id, length), _fixed_layout(model_id, length))
     if words is None:
         return _cached_layout(model_id, length, None)
-    fixed = _cached_layout(model_id, length, None)
+
+    # Every poll lays out its models, so layouts are kept by the words of their counts.
+    count_points = _count_points(model_id, length)
+    key = (model_id, length,
+           tuple(tuple(words[p.offset : p.offset + p.size]) for p in count_points))
+    layout = _COUNTED_LAYOUTS.get(key)
+    if layout is None:
+        layout = _layout_by_counts(model_id, length, count_points, words)
+        _keep(_COUNTED_LAYOUTS, key, layout)
+    return layout
+
+
+# Layouts that depend on no words, by (model id, length), with None for an unknown
+# model. Layouts of models with count points are kept by the words of those points.
+_LAYOUTS: dict[tuple[int, int], ModelLayout | None] = {}
+_COUNTED_LAYOUTS: dict[tuple[Any, ...], ModelLayout] = {}
+_NOT_CACHED = object()
+_MAX_LAYOUTS = 1024
+
+
+def _keep(
+    cache: dict[Any, Any], key: Any, layout: ModelLayout | None
+) -> ModelLayout | None:
+    if len(cache) >= _MAX_LAYOUTS:
+        cache.clear()
+    cache[key] = layout
+    return layout
+
+
+def _fixed_layout(model_id: int, length: int) -> ModelLayout | None:
+    if model_definition(model_id) is None:
+        return None
+    return _cached_layout(model_id, length, ())
+
+
+@functools.lru_cache(maxsize=512)
+def _count_points(model_id: int, length: int) -> tuple[PointLayout, ...]:
+    """Return the fixed points of a model that count its nested groups."""
     names = _count_point_names(model_id)
+    fixed = _cached_layout(model_id, length, None)
+    return tuple(point for point in fixed.points if point.name in names)
+
+
+def _layout_by_counts(
+    model_id: int, length: int, count_points: tuple[PointLayout, ...],
+    words: Sequence[int | None],
+) -> ModelLayout:
     counts = []
-    for point in fixed.points:
+    for point in count_points:
         point_words = words[point.offset : point.offset + point.size]
-        if point.name in names and None not in point_words:
+        if None not in point_words:
             value = decode_raw(point.type, point_words)  # type: ignore[arg-type]
             if isinstance(value, int):
                 counts.append((point.name, value))
     try:
         return _cached_layout(model_id, length, tuple(counts))
     except _CountsNeeded:
-        return fixed
+        return _cached_layout(model_id, length, None)
 
 
 @functools.lru_cache(maxsize=512)
