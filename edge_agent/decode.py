@@ -266,6 +266,12 @@ class PointDecoder:
                 if word is None:
                     append(None)
                     continue
+            elif size == 2:
+                high, low = words[offset], words[offset + 1]
+                if high is None or low is None:
+                    append(None)
+                    continue
+                word = high << 16 | low
             else:
                 part = words[offset : offset + size]
                 if None in part:
