@@ -162,9 +162,11 @@ def report(agent: list[Cost], bare: list[Cost], reads: list[tuple[int, int]],
         f"sides, and the agent adds decoding its models into {channels} channels "
         "(scale factors, not-implemented values, power factor normalising), a check of "
         "the model headers and identity, and the Poll record, all in Python. "
-        "Layouts, decode plans and channel records are built once per device and "
-        "kept. Closing more of the gap would mean decoding only the points that "
-        "became channels, or decoding in a compiled extension.",
+        "Layouts, decoders of the channel points and channel records are built "
+        "once per device and kept. Closing more of the gap would mean returning "
+        "contiguous register blocks from the transport instead of a register map, "
+        "less work per request in the transport wrapper, or decoding in a compiled "
+        "extension.",
         "- Runs, agent / pymodbus CPU per register (us): "
         + ", ".join(f"{a.cpu_per_register * 1e6:.2f} / {b.cpu_per_register * 1e6:.2f}"
                     for a, b in zip(agent, bare)) + ".",
