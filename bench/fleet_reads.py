@@ -10,7 +10,9 @@ day last. Each endpoint is timed one request at a time for random installations:
 - `GET /api/v1/installations/{id}` (status, devices, measures) and
   `GET /api/v1/installations/{id}/power?date=` (288 five-minute points) against
   `GET /api/v1/openapi.json`, the cheapest route with a JSON reply and no database
-  work, and the chart's bucket query alone.
+  work, and the chart's bucket query alone;
+- `GET /api/v1/installations` (the fleet list, with energy today of every
+  installation from the counters' rollups of today) against the same trivial route.
 
 Rows read per query come from EXPLAIN (ANALYZE, BUFFERS) of the chart's bucket query.
 """
@@ -46,6 +48,8 @@ REPEATS = 3
 # writes fewer so that it stays within its time, see `report`.
 DAYS = 1
 ROLLUP_CHANNELS = ("103.W", "103.WH")
+# Fleet list requests a run: each one reads every installation the key may read.
+LIST_REQUESTS = 5
 
 # The endpoint's two queries (collector/fleet.py), sent without the collector.
 _DEVICES = """
@@ -159,12 +163,13 @@ def query_latencies(database: DatabaseConfig, shard_of: dict[int, str],
             conn.close()
 
 
-def add_rollups(database: DatabaseConfig, last_day: date, days: int) -> float:
-    """Generate the AC power and energy rollups; return the seconds it took."""
+def add_rollups(database: DatabaseConfig, last_day: date, days: int,
+                names: tuple[str, ...] = ROLLUP_CHANNELS) -> float:
+    """Generate the rollups of channels `names`; return the seconds it took."""
     start = datetime.combine(last_day - timedelta(days=days - 1), dt_time(),
                              tzinfo=UTC)
     params = {"start": start, "end": start + timedelta(days=days),
-              "names": list(ROLLUP_CHANNELS)}
+              "names": list(names)}
     started = time.perf_counter()
     for shard in database.shards:
         with psycopg.connect(shard.dsn) as conn:
@@ -236,6 +241,9 @@ def run(database: DatabaseConfig, quick: bool = False) -> Section:
     shard_of, key = add_fleet(database, installations)
     day = datetime.now(UTC).date() - timedelta(days=1)
     fill_seconds = add_rollups(database, day, DAYS)
+    # The counters also count today, so that the fleet list computes energy today.
+    fill_seconds += add_rollups(database, day + timedelta(days=1), 1,
+                                ROLLUP_CHANNELS[1:])
     picks = random.Random(1)
     samples = [picks.sample(sorted(shard_of), min(requests, len(shard_of)))
                for _ in range(repeats)]
@@ -261,7 +269,8 @@ def run(database: DatabaseConfig, quick: bool = False) -> Section:
                 endpoint_latencies(url, key, samples[i]))),
             lambda i: statistics.median(query_latencies(database, shard_of,
                                                         samples[i])))
-        timings: dict[str, list[float]] = {"status": [], "power": [], "trivial": []}
+        timings: dict[str, list[float]] = {
+            "status": [], "power": [], "trivial": [], "list": [], "list trivial": []}
         raw: list[float] = []
         rows: list[int] = []
 
@@ -280,6 +289,16 @@ def run(database: DatabaseConfig, quick: bool = False) -> Section:
         alternate(repeats, keep("status", prefix + "{id}"),
                   keep("power", prefix + "{id}/power?date={day}"),
                   keep("trivial", "/api/v1/openapi.json?{id}"), chart_raw)
+
+        def keep_list(name: str, path: str) -> Callable[[int], float]:
+            def measure(i: int) -> float:
+                timings[name] += asyncio.run(
+                    route_latencies(url, key, [path] * LIST_REQUESTS))
+                return 0.0
+            return measure
+
+        alternate(repeats, keep_list("list", "/api/v1/installations"),
+                  keep_list("list trivial", "/api/v1/openapi.json"))
     finally:
         collector.terminate()
         collector.join(10)
@@ -305,8 +324,11 @@ def report(installations: int, requests: int, endpoint: list[float],
     status50, status95 = _percentiles(timings["status"])
     power50, power95 = _percentiles(timings["power"])
     trivial50, trivial95 = _percentiles(timings["trivial"])
+    list50, list95 = _percentiles(timings["list"])
+    list_trivial50, list_trivial95 = _percentiles(timings["list trivial"])
     raw50, raw95 = _percentiles(raw)
     rollup_rows = installations * DEVICES * len(ROLLUP_CHANNELS) * 288 * DAYS
+    today_rows = installations * DEVICES * 288
     section = Section("Fleet reads")
     section.lines += [
         f"{installations:,} installations x {DEVICES} devices x {CHANNELS} channels "
@@ -319,7 +341,8 @@ def report(installations: int, requests: int, endpoint: list[float],
         f"the queries take **{direct_ms / endpoint_ms:.2f}** of the endpoint's time.",
         "",
         f"Status and power chart: AC power and lifetime energy of every device have "
-        f"five-minute rollups for {_days(DAYS)} (UTC), {rollup_rows:,} rows generated "
+        f"five-minute rollups for {_days(DAYS)} (UTC), {rollup_rows:,} rows, and "
+        f"the energy counters also for today, {today_rows:,} rows, generated "
         f"in {fill_seconds:.0f} s. NOTE: the product question is 30 days "
         f"({rollup_rows * 30 // DAYS:,} rows), and {_days(DAYS)} keeps the suite "
         "within its time. Both reads go through the primary key (installation, channel, "
@@ -337,6 +360,17 @@ def report(installations: int, requests: int, endpoint: list[float],
         f"| {trivial95:.2f} | 1.00 |",
         f"| the chart's bucket query alone (psycopg) | {raw50:.2f} | {raw95:.2f} "
         f"| {raw50 / trivial50:.2f} |",
+        "",
+        f"Fleet list: `GET /installations` reads all {installations:,} "
+        f"installations, with energy today from the counters' rollups of today "
+        f"and the day before; {len(timings['list'])} requests.",
+        "",
+        "| request | p50 ms | p95 ms | p50 / trivial route |",
+        "|---|---:|---:|---:|",
+        f"| `GET /installations` ({installations:,} installations) | {list50:.2f} "
+        f"| {list95:.2f} | {list50 / list_trivial50:.2f} |",
+        f"| `GET /openapi.json` (trivial route, no database) | {list_trivial50:.2f} "
+        f"| {list_trivial95:.2f} | 1.00 |",
         "",
         f"The chart's bucket query reads {statistics.median(rows):,.0f} rollup rows "
         f"(median, EXPLAIN ANALYZE; {DEVICES} devices x 288 buckets = "

@@ -134,14 +134,18 @@ async def inverter_counters(
     return counters
 
 
+Series = tuple[list[int], list[float | None]]
+
+
 async def last_series(
     conn: AsyncConnection[Any],
     installation_ids: list[int],
     channel_ids: list[int],
     window: tuple[int, int],
-) -> dict[int, list[energy.CounterReading]]:
+) -> dict[int, Series]:
     """Return each channel's 5-minute `last` series within `window`, with the
-    counter rules' look-back before it, by channel id."""
+    counter rules' look-back before it, as times (Unix ms) and values by channel
+    id."""
     cur = await conn.execute(
         _LAST_SERIES,
         {
@@ -153,22 +157,20 @@ async def last_series(
         binary=True,
     )
     return {
-        channel_id: list(map(energy.CounterReading, times_ms, values))
+        channel_id: (times_ms, values)
         for channel_id, times_ms, values in await cur.fetchall()
     }
 
 
 def energy_in_windows(
-    series: list[energy.CounterReading],
-    max_power_w: float,
-    windows: list[tuple[int, int]],
+    series: Series, max_power_w: float, windows: list[tuple[int, int]]
 ) -> list[float | None]:
     """Compute a counter's energy in each window; None where no reading lies in it.
 
     Each window is computed from the readings within it and the look-back before it,
     so a long run of windows costs about twice the series, not its square.
     """
-    times = [reading.time_ms for reading in series]
+    times, values = series
     found: list[float | None] = []
     for start, end in windows:
         first = bisect.bisect_left(times, start - energy.LOOKBACK_MS)
@@ -177,8 +179,11 @@ def energy_in_windows(
         if inside == last:
             found.append(None)
             continue
-        result = energy.counter_energy(series[first:last], max_power_w, (start, end))
-        found.append(result.energy)
+        found.append(
+            energy.window_energy(
+                times[first:last], values[first:last], max_power_w, (start, end)
+            )
+        )
     return found
 
 
@@ -205,7 +210,7 @@ async def installation_energy(
     }
     for counter in counters:
         per_window = energy_in_windows(
-            series.get(counter.channel_id, []),
+            series.get(counter.channel_id, ([], [])),
             counter.max_power_w,
             windows[counter.installation_id],
         )

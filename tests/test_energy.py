@@ -13,6 +13,7 @@ from collector.energy import (
     Jump,
     Restart,
     counter_energy,
+    window_energy,
 )
 from edge_agent.endpoint import EndpointSettings
 from edge_agent.poller import UnitPoller
@@ -172,3 +173,39 @@ def test_energy_window_counts_rises_inside() -> None:
 def test_energy_default_cap() -> None:
     assert DEFAULT_MAX_POWER_W == 10_000_000.0
     assert counter_energy(series(0.5, 20_000), DEFAULT_MAX_POWER_W).energy == 19_999.5
+
+
+def arrays(*values: float | None) -> tuple[list[int], list[float | None]]:
+    return [T0 + i * POLL_MS for i in range(len(values))], list(values)
+
+
+def test_window_energy_steady_lookback() -> None:
+    times, values = arrays(100, 103, 107, 110)
+    window = (T0 + 2 * POLL_MS, T0 + 4 * POLL_MS)
+    assert window_energy(times, values, 5000, window) == 7
+
+
+def test_window_energy_steady_no_lookback() -> None:
+    times, values = arrays(100, 103, 107, 110)
+    assert window_energy(times, values, 5000, (T0, T0 + 4 * POLL_MS)) == 10
+
+
+def test_window_energy_jump_left_out() -> None:
+    times, values = arrays(100, 103, 1000, 1004)
+    assert window_energy(times, values, 5000, (T0, T0 + 4 * POLL_MS)) == 7
+
+
+def test_window_energy_glitch_and_null() -> None:
+    times, values = arrays(100, None, 103, 0, 107)
+    assert window_energy(times, values, 5000, (T0, T0 + 5 * POLL_MS)) == 7
+
+
+def test_window_energy_zero_first() -> None:
+    times, values = arrays(0, 100, 103)
+    assert window_energy(times, values, 5000, (T0, T0 + 3 * POLL_MS)) == 3
+
+
+def test_window_energy_rise_after_standstill() -> None:
+    # 30 Wh in 10 s exceeds 5 kW, but not since the counter reached 100 30 s before.
+    times, values = arrays(100, 100, 100, 130)
+    assert window_energy(times, values, 5000, (T0, T0 + 4 * POLL_MS)) == 30
