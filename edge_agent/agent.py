@@ -19,12 +19,13 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from functools import partial
+from pathlib import Path
 
 import tenacity
 
 from edge_agent.buffer import Buffer, BufferLimits, Overflow
 from edge_agent.config import AgentConfig, DeviceGroup
-from edge_agent.errors import CollectorUnavailable
+from edge_agent.errors import BufferFileError, CollectorUnavailable
 from edge_agent.forwarder import Forwarder
 from edge_agent.poller import DeviceIds, run_endpoint
 from edge_agent.readings import Poll
@@ -102,8 +103,18 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event, *,
 def open_buffer(config: AgentConfig) -> Buffer:
     """Open the config's buffer file, stamped with its gateway id, within its limits.
 
-    :raises BufferFileError: when the file cannot be opened.
+    The file's folder is created when missing, as systemd's StateDirectory would.
+
+    :raises BufferFileError: when the folder or the file cannot be created or opened.
     """
+    folder = Path(config.buffer.path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BufferFileError(
+            f"cannot create the buffer folder {folder} ({err.strerror}); create it, "
+            "writable by the agent's user, or set [buffer] path to a writable folder"
+        ) from err
     limits = BufferLimits(max_bytes=config.buffer.max_bytes,
                           min_free_bytes=config.buffer.min_free_bytes,
                           overflow=Overflow(config.buffer.overflow))

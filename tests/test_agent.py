@@ -4,12 +4,14 @@ import asyncio
 import logging
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from edge_agent.agent import run_agent
+from edge_agent.agent import open_buffer, run_agent
 from edge_agent.buffer import Buffer
+from edge_agent.errors import BufferFileError
 from edge_agent.config import AgentConfig, BufferConfig, CollectorConfig, DeviceGroup
 from edge_agent.endpoint import EndpointSettings
 from edge_agent.readings import DeviceInfo, DeviceState, Poll
@@ -258,3 +260,26 @@ async def test_groups_get_name_and_shared_ids(tmp_path, collector):
     assert inverters["name"] == "inverters"
     assert meters["name"] == "meters"
     assert inverters["device_ids"] is meters["device_ids"]
+
+
+def test_open_buffer_creates_folder(tmp_path):
+    config = replace(
+        agent_config(tmp_path, "http://127.0.0.1:9"),
+        buffer=BufferConfig(path=tmp_path / "state" / "agent" / "buffer.sqlite"),
+    )
+    with open_buffer(config):
+        pass
+    assert (tmp_path / "state" / "agent" / "buffer.sqlite").is_file()
+
+
+def test_open_buffer_folder_not_creatable(tmp_path):
+    (tmp_path / "file").write_text("")
+    config = replace(
+        agent_config(tmp_path, "http://127.0.0.1:9"),
+        buffer=BufferConfig(path=tmp_path / "file" / "buffer.sqlite"),
+    )
+    with pytest.raises(BufferFileError) as error:
+        open_buffer(config)
+    assert str(error.value) == (
+        f"cannot create the buffer folder {tmp_path / 'file'} (File exists); create it, "
+        "writable by the agent's user, or set [buffer] path to a writable folder")
