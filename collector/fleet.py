@@ -112,24 +112,28 @@ async def statuses(
     """Return the status of each installation of this shard, by installation id.
 
     Power now is the sum of the inverters' latest AC power readings of the last
-    `POWER_FRESH_MS`, where a sleeping inverter counts as 0 W. It is None when no
-    inverter has such a reading and none sleeps.
+    `POWER_FRESH_MS`, where a sleeping inverter counts as 0 W and an inverter whose
+    latest state says it does not answer is left out, since its last reading is stale.
+    It is None when no inverter has such a reading and none sleeps.
     """
     params = {"installation_ids": installation_ids}
     found = {installation_id: Status() for installation_id in installation_ids}
     cur = await conn.execute(_STATUS_DEVICES, params)
     sleeping: set[int] = set()
+    down: set[int] = set()
     for installation_id, device, state, state_ms in await cur.fetchall():
         status = found[installation_id]
         status.devices[STATE_GROUPS.get(state, "offline")] += 1
         status.last_seen_ms = _later(status.last_seen_ms, state_ms)
         if state == "sleeping":
             sleeping.add(device)
+        elif state is not None and state != "online":
+            down.add(device)
     cur = await conn.execute(_LAST_SEEN, params)
     for installation_id, seen_ms in await cur.fetchall():
         status = found[installation_id]
         status.last_seen_ms = _later(status.last_seen_ms, seen_ms)
-    await _add_power_now(conn, params, found, sleeping, now_ms)
+    await _add_power_now(conn, params, found, sleeping, down, now_ms)
     return found
 
 
@@ -144,6 +148,7 @@ async def _add_power_now(
     params: dict[str, Any],
     found: dict[int, Status],
     sleeping: set[int],
+    down: set[int],
     now_ms: int,
 ) -> None:
     cur = await conn.execute(
@@ -158,6 +163,8 @@ async def _add_power_now(
         time_ms, value = channels[chosen]
         if device in sleeping:
             value = 0.0
+        elif device in down:
+            continue
         elif time_ms is None or value is None or now_ms - time_ms > POWER_FRESH_MS:
             continue
         status = found[installation_id]

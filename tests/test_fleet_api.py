@@ -494,3 +494,22 @@ async def test_openapi_served_without_key(client: TestClient) -> None:
 
     assert response.status == 200
     assert (await response.json())["openapi"] == "3.1.0"
+
+
+async def test_power_now_skips_unreachable_device(
+    client: TestClient, site: Site
+) -> None:
+    # sn-7's last AC power is fresh, but its latest state says it no longer answers.
+    readings = [["sn-7", "103.W", T0 - H, 500.0]]
+    states = [["sn-7", T0 - H, "offline"]]
+    status, body = await post(
+        client, site.tokens["b"], make_batch("gw-b", readings, states=states)
+    )
+    assert status == 200, body
+
+    status, body = await get(client, site.keys["ops"], "/api/v1/installations")
+
+    assert status == 200
+    barn = next(row for row in body["installations"] if row["id"] == site.b)
+    assert barn["devices"] == devices(online=1, offline=1, faulted=1)
+    assert barn["power_w"] == 1000.0
