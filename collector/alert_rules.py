@@ -76,6 +76,14 @@ _CHANNEL = re.compile(r"^(\d+)\.(\w+)$")
 # (device row id or None for the installation, kind)
 AlertKey = tuple[int | None, str]
 
+# What each down state of the agent means, for alert messages.
+DOWN_STATE_WORDS = {
+    "offline": "no answer from the device",
+    "refused": "connection refused",
+    "not-sunspec": "no SunSpec map found",
+    "malformed": "SunSpec map malformed",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class CounterEvent:
@@ -183,7 +191,8 @@ def _not_reporting(
     if reason == "no-data":
         text = f"no reading or state since {_iso(device.last_ms or 0)}"
     else:
-        text = f"reported {reason} since {_iso(_down_since(device))}"
+        what = DOWN_STATE_WORDS.get(reason, reason)
+        text = f"{what} since {_iso(_down_since(device))}"
     return {
         key: Condition(
             "warning",

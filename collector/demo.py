@@ -136,7 +136,8 @@ async def stop_site_later(sites: list[RunningSite], delay: float,
     click.echo(
         f"stopped the simulator of {OUTAGE_SITE!r} after {delay:g} s: its agent now "
         "reports its devices unreachable, and within about "
-        f"{DEMO_ALERTS.interval:g} s the dashboard shows a device-not-reporting alert"
+        f"{3 * DEMO_ALERTS.interval:g} s the dashboard shows a device-not-reporting "
+        "alert"
     )
 
 

@@ -142,8 +142,8 @@ async def test_device_offline_opens_resolves(
     await evaluator.evaluate(T0 + 3 * MIN)
     assert rows(shard_1) == [(SITE, "sn-b", "device-not-reporting", T0 + 3 * MIN, None)]
     assert messages(shard_1) == [
-        "device inv sn-b (sn-b) is not reporting while its gateway does: reported "
-        "offline since 2025-12-04 16:00 UTC"
+        "device inv sn-b (sn-b) is not reporting while its gateway does: no answer "
+        "from the device since 2025-12-04 16:00 UTC"
     ]
 
     await store(shard_1, SITE, [poll("sn-b", T0 + 3 * MIN, **{"103_W": 2900.0})])
