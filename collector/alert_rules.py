@@ -76,7 +76,7 @@ _CHANNEL = re.compile(r"^(\d+)\.(\w+)$")
 # (device row id or None for the installation, kind)
 AlertKey = tuple[int | None, str]
 
-# What each down state of the agent means, for alert messages.
+# Plain words for each down state of the agent, used in alert messages.
 DOWN_STATE_WORDS = {
     "offline": "no answer from the device",
     "refused": "connection refused",
@@ -191,8 +191,8 @@ def _not_reporting(
     if reason == "no-data":
         text = f"no reading or state since {_iso(device.last_ms or 0)}"
     else:
-        what = DOWN_STATE_WORDS.get(reason, reason)
-        text = f"{what} since {_iso(_down_since(device))}"
+        description = DOWN_STATE_WORDS.get(reason, reason)
+        text = f"{description} since {_iso(_down_since(device))}"
     return {
         key: Condition(
             "warning",
