@@ -91,7 +91,7 @@ async def _serve(config: CollectorConfig) -> None:
     except OSError as err:
         await runner.cleanup()
         raise CollectorError(_listen_error(config, err)) from err
-    # The bound port, which the system picks when the config says port 0.
+    # The bound port, which the system picks when the config sets port 0.
     host, port = runner.addresses[0][:2]
     logger.info("listening on http://%s:%s", host, port)
     stop = asyncio.Event()

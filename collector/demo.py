@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 
 class DemoError(Exception):
-    """The demo cannot start; the message says what to change."""
+    """The demo cannot start; the message names what to change."""
 
 
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "config" / "demo"

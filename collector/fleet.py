@@ -113,7 +113,7 @@ async def statuses(
 
     Power now is the sum of the inverters' latest AC power readings of the last
     `POWER_FRESH_MS`, where a sleeping inverter counts as 0 W and an inverter whose
-    latest state says it does not answer is left out, since its last reading is stale.
+    latest state reports it unreachable is left out, since its last reading is stale.
     It is None when no inverter has such a reading and none sleeps.
     """
     params = {"installation_ids": installation_ids}

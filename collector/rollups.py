@@ -44,7 +44,9 @@ FROM {source} GROUP BY 1, 2
 """
 
 # Ordered by channel and bucket, so that concurrent batches of one installation lock
-# shared rollup rows in the same order and cannot deadlock.
+# shared rollup rows in the same order and do not deadlock. NOTE: PostgreSQL inserts the
+# rows of INSERT ... SELECT ... ORDER BY in that order, but the SQL standard does not
+# promise it.
 _MERGE = """
 INSERT INTO {table} AS r (installation_id, {columns})
 SELECT %(installation_id)s, {columns} FROM {source} ORDER BY channel_id, bucket

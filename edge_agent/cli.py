@@ -234,7 +234,7 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
 _TIMEOUT = click.option("--timeout", type=click.FloatRange(0, 60, min_open=True),
                         callback=_finite,
                         default=1.0, show_default=True,
-                        help="Seconds to wait for each answer.")
+                        help="Seconds to wait for each response.")
 _BAUDRATE = click.option("--baudrate", type=click.IntRange(1), default=9600,
                          show_default=True,
                          help="Serial speed in baud (serial device targets only).")

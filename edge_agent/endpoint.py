@@ -27,10 +27,10 @@ class EndpointSettings:
     parity: Literal["N", "E", "O"] = "N"
     stopbits: int = 1
     bytesize: int = 8
-    timeout: float = 3.0  # seconds to wait for one answer
-    request_gap: float = 0.0  # seconds between the end of one answer and the next request
+    timeout: float = 3.0  # seconds to wait for one response
+    request_gap: float = 0.0  # seconds between one response and the next request
     connect_delay: float = 0.0  # seconds to wait after connecting before the first request
-    max_registers: int = 125  # most registers in one read request (protocol limit: 125)
+    max_registers: int = 125  # maximum registers per read request (protocol limit: 125)
     function_code: Literal[3, 4] = 3  # holding (3) or input (4) registers for SunSpec
     close_after_poll: bool = False  # for devices that drop idle connections
 

@@ -10,10 +10,10 @@ class DeviceState(enum.StrEnum):
     """State of one device, reported with every poll."""
 
     ONLINE = "online"
-    SLEEPING = "sleeping"  # answers, and its own operating state says it sleeps
-    OFFLINE = "offline"  # no answer
+    SLEEPING = "sleeping"  # responds, and its own operating state reports sleeping
+    OFFLINE = "offline"  # no response
     REFUSED = "refused"  # TCP connect refused, for example a port held by another client
-    NOT_SUNSPEC = "not-sunspec"  # answers, but no SunS marker at 40000, 0 or 50000
+    NOT_SUNSPEC = "not-sunspec"  # responds, but has no SunS marker at 40000, 0 or 50000
     MALFORMED = "malformed"  # SunS found, but the model chain cannot be followed
 
 
@@ -43,7 +43,7 @@ class Poll:
     """Everything one poll of one device produced, stamped with one time.
 
     `values` maps channel names to scaled values in the channel's unit, or None where the
-    device reports no value. A poll of a device that did not answer has no values.
+    device reports no value. A poll of a device that did not respond has no values.
     """
 
     device: DeviceInfo

@@ -499,7 +499,7 @@ async def test_openapi_served_without_key(client: TestClient) -> None:
 async def test_power_now_skips_unreachable_device(
     client: TestClient, site: Site
 ) -> None:
-    # sn-7's last AC power is fresh, but its latest state says it no longer answers.
+    # sn-7's last AC power is fresh, but its latest state reports it unreachable.
     readings = [["sn-7", "103.W", T0 - H, 500.0]]
     states = [["sn-7", T0 - H, "offline"]]
     status, body = await post(
