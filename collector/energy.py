@@ -208,9 +208,10 @@ def window_energy(
     ordered by time, all before the window's end.
 
     A series that only rises, from a positive first value and within the jump
-    allowance at every step, has no glitch, restart or jump: its energy is the
-    last value less the one before the window, checked and computed without a
-    loop in Python. Any other series gets the full rules of `counter_energy`.
+    allowance at every step, has no glitch, restart or jump. Its energy is then the
+    last value less the one before the window, and both the check and the result
+    run without a Python loop. Any other series gets the full rules of
+    `counter_energy`.
     """
     inside = bisect.bisect_left(times_ms, window[0])
     if _steady(times_ms, values, max_power_w):
